@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# bnbench launcher. Sets up .venv/ by itself (idempotent), then:
+#   ./launch.sh              the lab's benchmark: 5 seeds x {BN, no-BN} x 15 epochs on MNIST, then its report
+#   ./launch.sh test [ARGS]  the test suite (pytest ARGS)
+#   ./launch.sh CMD [ARGS]   any bnbench command: run, report, data, list (bnbench --help)
+# Environment: BNBENCH_DATA_ROOT (folder with the MNIST IDX files), BNBENCH_CACHE,
+#   BNBENCH_TORCH (pip spec for torch; default the build this project is tested with).
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+TORCH_SPEC=${BNBENCH_TORCH:-"torch==2.14.1 torchvision==0.29.1"}
+
+bootstrap() {
+    # The stamp records what was installed; a changed pyproject.toml or torch spec reinstalls.
+    local want have=""
+    want=$(cat pyproject.toml <(echo "$TORCH_SPEC") | sha256sum | cut -c1-16)
+    [ -f "$VENV/.bnbench-stamp" ] && have=$(cat "$VENV/.bnbench-stamp")
+    if [ -x "$PY" ] && [ "$want" = "$have" ]; then
+        return 0
+    fi
+    local base=${PYTHON:-python3}
+    "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+        echo "launch.sh: bnbench needs Python >= 3.11; $("$base" --version 2>&1) found (set PYTHON=...)" >&2; exit 1; }
+    echo "launch.sh: setting up $VENV (torch: $TORCH_SPEC; log: $VENV/install.log) ..." >&2
+    [ -x "$PY" ] || "$base" -m venv "$VENV"
+    # shellcheck disable=SC2086
+    if ! { "$PY" -m pip install --upgrade pip && "$PY" -m pip install $TORCH_SPEC && "$PY" -m pip install -e ".[test]"; } >"$VENV/install.log" 2>&1; then
+        tail -n 30 "$VENV/install.log" >&2
+        echo "launch.sh: installation failed; full log in $VENV/install.log" >&2
+        exit 1
+    fi
+    echo "$want" >"$VENV/.bnbench-stamp"
+    echo "launch.sh: environment ready" >&2
+}
+
+# Developers' and CI's checkouts have the read-only MNIST copy beside them.
+if [ -z "${BNBENCH_DATA_ROOT:-}" ] && [ -d "$ROOT/../shared/data/MNIST" ]; then
+    export BNBENCH_DATA_ROOT
+    BNBENCH_DATA_ROOT=$(cd "$ROOT/../shared/data" && pwd)
+fi
+
+bootstrap
+cmd=${1:-}
+case "$cmd" in
+    "")
+        out="runs/lab-$(date -u +%Y%m%dT%H%M%S)"
+        "$VENV/bin/bnbench" run --out "$out"
+        "$VENV/bin/bnbench" report "$out"
+        ;;
+    test)
+        shift
+        exec "$PY" -m pytest tests "$@"
+        ;;
+    *)
+        exec "$VENV/bin/bnbench" "$@"
+        ;;
+esac

@@ -1,0 +1,179 @@
+"""Command line: `bnbench run | report | data | list`.
+
+    bnbench run --out runs/lab                 # the lab, 5 seeds, 15 epochs, MNIST
+    bnbench run --seeds 0-9 --epochs 5 --out runs/ten
+    bnbench report runs/lab                    # -> runs/lab/report/report.html
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import (
+    ACTIVATIONS,
+    DATASETS,
+    DEFAULT_PRESET,
+    DTYPES,
+    ENGINES,
+    OPTIMIZERS,
+    PRESETS,
+    VARIANTS,
+    ConfigError,
+    make_config,
+    parse_int_list,
+    parse_list,
+    parse_seeds,
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _wrap(parse):
+    def f(text):
+        try:
+            return parse(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return f
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bnbench",
+        description="What batch normalization buys a network: BN vs no-BN MLPs, many seeds, exact metrics.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", help="train BN and no-BN members over seeds; append rows to DIR/results.jsonl")
+    r.add_argument("--preset", default=DEFAULT_PRESET, help=f"starting values (default {DEFAULT_PRESET}); one of: {', '.join(PRESETS)}")
+    r.add_argument("--dataset", help=f"one of: {', '.join(DATASETS)} (preset: mnist)")
+    r.add_argument("--epochs", type=_positive_int, help="passes over the training set (preset: 15)")
+    r.add_argument("--batch-size", type=_positive_int, help="global mini-batch in samples (preset: 100)")
+    r.add_argument("--lr", type=_positive_float, help="learning rate (preset: 1e-3)")
+    r.add_argument("--hidden", type=_wrap(lambda t: parse_int_list(t, "--hidden")), help="hidden widths, e.g. 32,32 (preset)")
+    r.add_argument("--activation", help=f"one of: {', '.join(ACTIVATIONS)} (preset: relu)")
+    r.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)} (preset: adam)")
+    r.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    r.add_argument("--seeds", type=_wrap(parse_seeds), help="e.g. 0,3,7 or 0-9 (preset: 0-4)")
+    r.add_argument("--variants", type=parse_list, help=f"comma list of: {', '.join(VARIANTS)} (default both)")
+    r.add_argument("--engine", help=f"one of: {', '.join(ENGINES)} (default stacked)")
+    r.add_argument("--dtype", help=f"one of: {', '.join(DTYPES)} (default float32)")
+    r.add_argument("--sync-bn", action="store_true", default=None, help="BN statistics over the global batch across processes")
+    r.add_argument("--cpu", action="store_true", default=None, help="train on the CPU even when a GPU is visible")
+    r.add_argument("--eval-batch", type=_positive_int, help="samples per evaluation chunk (memory only; default 10000)")
+    r.add_argument("--data-root", help="folder with the four IDX files (default: $BNBENCH_DATA_ROOT, the cache, a download)")
+    r.add_argument("--out", help="results folder (default runs/<UTC time>)")
+    r.add_argument("--report", action="store_true", help="build the report when the run completes")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch table")
+
+    rep = sub.add_parser("report", help="figures, tables and the BN - no-BN verdict from DIR/results.jsonl")
+    rep.add_argument("dir", help="results folder")
+
+    d = sub.add_parser("data", help="find, verify and cache a dataset; print where its files are")
+    d.add_argument("--dataset", default="mnist", help=f"one of: {', '.join(DATASETS)}")
+    d.add_argument("--data-root", help="folder with the four IDX files")
+
+    sub.add_parser("list", help="presets, variants, datasets, engines, activations, optimizers")
+    return p
+
+
+def cmd_run(a) -> int:
+    from .engine import training_function
+
+    variants = a.variants
+    if variants is not None and not variants:
+        raise ConfigError(f"no variants given; valid: {', '.join(VARIANTS)}")
+    cfg = make_config(
+        a.preset,
+        dataset=a.dataset,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        hidden=a.hidden,
+        activation=a.activation,
+        optimizer=a.optimizer,
+        momentum=a.momentum,
+        seeds=a.seeds,
+        variants=variants,
+        engine=a.engine,
+        dtype=a.dtype,
+        sync_bn=a.sync_bn,
+        cpu=a.cpu,
+        eval_batch=a.eval_batch,
+    )
+    out = Path(a.out or f"runs/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    run_id = training_function(cfg, out, data_root=a.data_root, quiet=a.quiet)
+    print(f"results: {out / 'results.jsonl'} (run {run_id})")
+    if a.report:
+        return cmd_report(argparse.Namespace(dir=str(out)))
+    print(f"report:  bnbench report {out}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import build_report
+
+    path = build_report(a.dir)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_data(a) -> int:
+    from . import data
+
+    paths = data.locate(a.dataset, a.data_root)
+    splits = data.load(a.dataset, a.data_root)
+    for role, p in paths.items():
+        print(f"{role:8s} {p}")
+    print(f"{a.dataset}: {splits.train_x.shape[0]} train, {splits.test_x.shape[0]} test samples, verified; cache {data.cache_dir()}")
+    return 0
+
+
+def cmd_list(a) -> int:
+    print("presets:     " + ", ".join(PRESETS))
+    for name, values in PRESETS.items():
+        print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    print("variants:    " + ", ".join(VARIANTS))
+    print("datasets:    " + ", ".join(DATASETS))
+    print("engines:     " + ", ".join(ENGINES))
+    print("activations: " + ", ".join(ACTIVATIONS))
+    print("optimizers:  " + ", ".join(OPTIMIZERS))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"run": cmd_run, "report": cmd_report, "data": cmd_data, "list": cmd_list}[args.command](args)
+    except ConfigError as e:
+        print(f"bnbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bnbench: interrupted; completed epochs are in results.jsonl", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

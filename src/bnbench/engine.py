@@ -1,0 +1,341 @@
+"""Engine: train every member of a config, evaluate exactly, emit one row per member per epoch.
+
+    bnbench run                      # the lab: 5 seeds x {bn, nobn}, 15 epochs, MNIST
+    bnbench run --engine reference   # one nn.Sequential per member, stepped like the lab
+
+Engines
+  stacked    all members of one variant in one StackedMLP: one baddbmm per layer,
+             one F.batch_norm per BN layer, one Adam (elementwise, so = K Adams).
+  reference  one torch.nn.Sequential + optimizer per member, the lab's loop.
+Both see the same batches: per seed and epoch one permutation, shared by the
+bn and nobn members of that seed, drop_last like the lab.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .data import Splits
+from .models import StackedMLP, init_linears, reference_mlp
+
+
+def shuffle_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for (member seed, epoch), independent of the init stream."""
+    h = hashlib.sha256(f"bnbench-shuffle:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The order in which members of `seed` see the n training samples in `epoch` (CPU, int64)."""
+    g = torch.Generator().manual_seed(shuffle_seed(seed, epoch))
+    return torch.randperm(n, generator=g)
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+
+
+@dataclass
+class Unit:
+    """What one optimizer steps: a StackedMLP of one variant, or one member's Sequential."""
+
+    variant: str
+    members: slice  # positions in Trainer.members (contiguous by construction)
+    seeds: slice | int  # rows of the [S, B] batch it trains on
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+class Trainer:
+    """Holds the members of one config on one device and moves them through epochs."""
+
+    def __init__(self, cfg: Config, splits: Splits, accelerator, world_size: int = 1):
+        self.cfg, self.splits, self.accelerator = cfg, splits, accelerator
+        self.device = accelerator.device
+        self.dtype = getattr(torch, cfg.dtype)
+        self.world_size = world_size
+        seeds = list(cfg.seeds)
+        inits = {s: [(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)] for s in seeds}
+        self.members = [(v, s) for v in cfg.variants for s in seeds]
+        self.units: list[Unit] = []
+        for vi, v in enumerate(cfg.variants):
+            base = vi * len(seeds)
+            if cfg.engine == "stacked":
+                model = StackedMLP([inits[s] for s in seeds], bn=(v == "bn"), activation=cfg.activation)
+                opt = make_optimizer(cfg, model.parameters())
+                model, opt = accelerator.prepare(model, opt)
+                self.units.append(Unit(v, slice(base, base + len(seeds)), slice(None), model, opt))
+            else:
+                for j, s in enumerate(seeds):
+                    model = reference_mlp(inits[s], bn=(v == "bn"), activation=cfg.activation)
+                    opt = make_optimizer(cfg, model.parameters())
+                    model, opt = accelerator.prepare(model, opt)
+                    self.units.append(Unit(v, slice(base + j, base + j + 1), j, model, opt))
+        self.steps_done = 0
+        self.diverged = torch.zeros(len(self.members), dtype=torch.bool)
+        self.diverged_epoch: list[int | None] = [None] * len(self.members)
+
+    # -- training -----------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return self.splits.train_x.shape[0] // self.cfg.batch_size  # drop_last, as the lab
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """[S, N] permutations, one per seed, on the device."""
+        n = self.splits.train_x.shape[0]
+        return torch.stack([epoch_permutation(s, epoch, n) for s in self.cfg.seeds]).to(self.device)
+
+    def train_epoch(self, epoch: int, on_step=None) -> tuple[torch.Tensor, float]:
+        """One epoch for every member. Returns (mean mini-batch loss per member, seconds)."""
+        cfg, x, y = self.cfg, self.splits.train_x, self.splits.train_y
+        b, steps = cfg.batch_size, self.steps_per_epoch()
+        order = self.epoch_order(epoch)
+        # Accumulated on the device: no host synchronisation inside the step loop.
+        loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=self.device)
+        for u in self.units:
+            u.model.train()
+        self._sync()
+        t0 = time.perf_counter()
+        for t in range(steps):
+            idx = order[:, t * b : (t + 1) * b]
+            xb, yb = x[idx], y[idx]  # [S, B, 784], [S, B]: every member's batch in one gather
+            for u in self.units:
+                u.optimizer.zero_grad(set_to_none=True)
+                if isinstance(u.seeds, int):  # reference: exactly the lab's step
+                    loss = F.cross_entropy(u.model(xb[u.seeds]), yb[u.seeds])
+                    losses = loss.unsqueeze(0)
+                else:
+                    logits = u.model(xb)
+                    k = logits.shape[0]
+                    losses = F.cross_entropy(
+                        logits.reshape(k * b, -1), yb.reshape(-1), reduction="none"
+                    ).view(k, b).mean(1)
+                    # Summing member losses keeps each member's gradient its own.
+                    loss = losses.sum()
+                self.accelerator.backward(loss)
+                u.optimizer.step()
+                loss_sum[u.members] += losses.detach()
+            if on_step is not None:
+                on_step(t + 1)
+        self._sync()
+        seconds = time.perf_counter() - t0
+        self.steps_done += steps
+        return (loss_sum / steps).cpu(), seconds
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- evaluation ---------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval mode over every sample of (x, y): (mean loss, accuracy) per member, float64."""
+        m = len(self.members)
+        loss_sum = torch.zeros(m, dtype=torch.float64, device=self.device)
+        correct = torch.zeros(m, dtype=torch.int64, device=self.device)
+        for u in self.units:
+            u.model.eval()
+        for start in range(0, x.shape[0], self.cfg.eval_batch):
+            xc, yc = x[start : start + self.cfg.eval_batch], y[start : start + self.cfg.eval_batch]
+            for u in self.units:
+                logits = u.model(xc)
+                if logits.dim() == 2:
+                    logits = logits.unsqueeze(0)
+                k, n, c = logits.shape
+                per_sample = F.cross_entropy(logits.reshape(k * n, c), yc.repeat(k), reduction="none").view(k, n)
+                loss_sum[u.members] += per_sample.sum(1, dtype=torch.float64)
+                correct[u.members] += (logits.argmax(-1) == yc).sum(1)
+        total = x.shape[0]
+        return (loss_sum / total).cpu(), correct.cpu().double() / total
+
+    # -- member access (tests, checkpoints) ---------------------------------------
+    def member_state(self, variant: str, seed: int) -> dict[str, torch.Tensor]:
+        i = self.members.index((variant, seed))
+        for u in self.units:
+            if u.members.start <= i < u.members.stop:
+                model = self.accelerator.unwrap_model(u.model)
+                if isinstance(model, StackedMLP):
+                    return model.member_state_dict(i - u.members.start)
+                return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        raise KeyError((variant, seed))
+
+    def mark_diverged(self, epoch: int, *values: torch.Tensor) -> None:
+        bad = torch.zeros_like(self.diverged)
+        for v in values:
+            bad |= ~torch.isfinite(v)
+        for i in torch.nonzero(bad & ~self.diverged).flatten().tolist():
+            self.diverged_epoch[i] = epoch
+        self.diverged |= bad
+
+
+# -- the run: config -> data -> trainer -> rows ------------------------------------
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from .results import environment
+
+    return environment()["cpu"]
+
+
+def new_run_id() -> str:
+    import os
+    import secrets
+
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return f"{stamp}-{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
+
+
+def _table_line(cols: list[tuple[str, str]], header: bool = False) -> str:
+    return "  ".join((name if header else value).rjust(max(len(name), len(value))) for name, value in cols)
+
+
+def training_function(
+    cfg: Config,
+    out_dir,
+    data_root=None,
+    quiet: bool = False,
+    accelerator=None,
+    splits: Splits | None = None,
+    trainer_hook=None,
+) -> str:
+    """Run cfg, append every epoch's rows to out_dir/results.jsonl, return the run id.
+
+    The output folder is opened first: a folder that cannot be written fails
+    before any data is read or any step is taken.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from . import __version__, data
+    from .results import ResultsWriter, environment, update_meta, utcnow
+
+    writer = ResultsWriter(out_dir)
+    try:
+        accelerator = accelerator or Accelerator(cpu=cfg.cpu)
+        world_size = accelerator.num_processes
+        if splits is None:
+            splits = data.load(cfg.dataset, data_root, device=accelerator.device, dtype=getattr(torch, cfg.dtype))
+        trainer = Trainer(cfg, splits, accelerator, world_size=world_size)
+        if trainer_hook is not None:
+            trainer_hook(trainer)  # tests: inspect or perturb members before training
+        run_id = new_run_id()
+        env = environment()
+        dev = str(accelerator.device)
+        dev_name = device_name(accelerator.device)
+        update_meta(
+            out_dir,
+            run_id,
+            {
+                "config": cfg.to_dict(),
+                "status": "running",
+                "started": utcnow(),
+                "device": dev,
+                "device_name": dev_name,
+                "world_size": world_size,
+                "mixed_precision": str(accelerator.mixed_precision),
+                "data_sources": splits.sources,
+                "train_samples": int(splits.train_x.shape[0]),
+                "test_samples": int(splits.test_x.shape[0]),
+                **env,
+            },
+        )
+        static = {
+            "run_id": run_id,
+            "preset": cfg.preset,
+            "dataset": cfg.dataset,
+            "batch_size": cfg.batch_size,
+            "per_device_batch": cfg.batch_size // world_size,
+            "lr": cfg.lr,
+            "optimizer": cfg.optimizer,
+            "momentum": cfg.momentum,
+            "hidden": ",".join(map(str, cfg.hidden)),
+            "activation": cfg.activation,
+            "epochs": cfg.epochs,
+            "engine": cfg.engine,
+            "dtype": cfg.dtype,
+            "device": dev,
+            "device_name": dev_name,
+            "world_size": world_size,
+            "sync_bn": cfg.sync_bn,
+            "members": len(trainer.members),
+            "bnbench_version": __version__,
+            "torch_version": torch.__version__,
+            "git_commit": env["git_commit"],
+        }
+        show = accelerator.is_main_process and not quiet
+        cols = ["epoch", "variant", "train_loss", "train_acc", "test_loss", "test_acc", "diverged", "train_s", "member-samples/s"]
+        if show:
+            accelerator.print(
+                f"bnbench run {run_id}: {len(cfg.seeds)} seeds x {','.join(cfg.variants)}, {cfg.epochs} epochs, "
+                f"{cfg.dataset}, engine {cfg.engine}, {dev} ({dev_name})"
+            )
+        steps = trainer.steps_per_epoch()
+        for epoch in range(1, cfg.epochs + 1):
+            bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True)
+            tick = max(1, steps // 100)
+            running, seconds = trainer.train_epoch(
+                epoch, on_step=lambda t: bar.update(tick) if t % tick == 0 else None
+            )
+            bar.close()
+            train_loss, train_acc = trainer.evaluate(splits.train_x, splits.train_y)
+            test_loss, test_acc = trainer.evaluate(splits.test_x, splits.test_y)
+            trainer.mark_diverged(epoch, running, train_loss, test_loss)
+            throughput = len(trainer.members) * steps * cfg.batch_size / seconds
+            now = utcnow()
+            rows = []
+            for i, (variant, seed) in enumerate(trainer.members):
+                dead = bool(trainer.diverged[i])
+                val = (lambda t: None if dead else float(t[i]))
+                rows.append(
+                    {
+                        **static,
+                        "variant": variant,
+                        "seed": seed,
+                        "epoch": epoch,
+                        "step": trainer.steps_done,
+                        "train_loss": val(train_loss),
+                        "train_acc": val(train_acc),
+                        "test_loss": val(test_loss),
+                        "test_acc": val(test_acc),
+                        "train_loss_running": val(running),
+                        "train_seconds": seconds,
+                        "samples_per_s": throughput,
+                        "diverged": dead,
+                        "time": now,
+                    }
+                )
+            if accelerator.is_main_process:
+                writer.append(rows)  # durable before the next epoch starts
+            if show:
+                if epoch == 1:
+                    accelerator.print(_table_line([(c, c) for c in cols], header=True))
+                for v in cfg.variants:
+                    alive = [r for r in rows if r["variant"] == v and not r["diverged"]]
+                    mean = lambda key: sum(r[key] for r in alive) / len(alive) if alive else float("nan")  # noqa: E731
+                    vals = [
+                        str(epoch), v, f"{mean('train_loss'):.4f}", f"{mean('train_acc'):.4f}",
+                        f"{mean('test_loss'):.4f}", f"{mean('test_acc'):.4f}",
+                        f"{sum(r['diverged'] for r in rows if r['variant'] == v)}/{len(cfg.seeds)}",
+                        f"{seconds:.2f}", f"{throughput:,.0f}",
+                    ]
+                    accelerator.print(_table_line(list(zip(cols, vals))))
+        n_div = int(trainer.diverged.sum())
+        update_meta(out_dir, run_id, {"status": "complete", "finished": utcnow(), "diverged_members": n_div})
+        if show and n_div:
+            names = [f"{v}/seed{s} (epoch {trainer.diverged_epoch[i]})" for i, (v, s) in enumerate(trainer.members) if trainer.diverged[i]]
+            accelerator.print(f"warning: {n_div} member(s) diverged: {', '.join(names)}")
+        return run_id
+    except BaseException as e:
+        if "run_id" in locals():
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            update_meta(out_dir, run_id, {"status": status, "finished": utcnow(), "error": f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        writer.close()

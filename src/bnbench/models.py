@@ -1,0 +1,137 @@
+"""Models: the lab's MLP as torch.nn.Sequential, and K of them stacked into one module.
+
+A *member* is one (variant, seed) network. For a given seed the BN and the
+no-BN member start from the same Linear weights: those torch.nn.Linear draws
+under torch.manual_seed(seed), layer by layer, as the lab builds them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+ACTIVATION_FUNCTIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # torch.nn.BatchNorm1d's defaults, as in the lab
+
+
+def init_linears(seed: int, sizes: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight [out, in], bias [out]) per layer, exactly as nn.Linear initialises them under seed.
+
+    The global RNG is forked so that building a model never disturbs the caller's stream.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])]
+    return [(lin.weight.detach().clone(), lin.bias.detach().clone()) for lin in layers]
+
+
+def reference_mlp(
+    inits: list[tuple[torch.Tensor, torch.Tensor]], bn: bool, activation: str = "relu"
+) -> nn.Sequential:
+    """The lab's model: Linear -> [BatchNorm1d] -> activation per hidden layer, then Linear."""
+    layers: list[nn.Module] = []
+    for i, (w, b) in enumerate(inits):
+        lin = nn.Linear(w.shape[1], w.shape[0], dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+        layers.append(lin)
+        if i < len(inits) - 1:
+            if bn:
+                layers.append(nn.BatchNorm1d(w.shape[0], momentum=BN_MOMENTUM, eps=BN_EPS, dtype=w.dtype))
+            layers.append(ACTIVATION_MODULES[activation]())
+    return nn.Sequential(*layers)
+
+
+class StackedMLP(nn.Module):
+    """K independent MLPs of one architecture as one module.
+
+    Weights are stacked as [K, in, out] so that one torch.baddbmm per layer runs
+    every member. Per-member BN is ONE F.batch_norm over K*C channels: the
+    [K, B, C] activations viewed as [B, K*C], each (member, unit) a channel.
+    Members share nothing: gradients, BN statistics and (elementwise) Adam
+    states of one member never touch another's.
+    """
+
+    def __init__(self, member_inits: list[list[tuple[torch.Tensor, torch.Tensor]]], bn: bool, activation: str = "relu"):
+        super().__init__()
+        self.k = len(member_inits)
+        self.bn = bn
+        self.activation = activation
+        self.act = ACTIVATION_FUNCTIONS[activation]
+        n_layers = len(member_inits[0])
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.stack([m[i][0].t() for m in member_inits]).contiguous()) for i in range(n_layers)
+        )
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.stack([m[i][1] for m in member_inits]).unsqueeze(1).contiguous()) for i in range(n_layers)
+        )
+        self.widths = [w.shape[2] for w in self.weights]
+        dtype = self.weights[0].dtype
+        if bn:
+            kc = [self.k * c for c in self.widths[:-1]]
+            self.bn_weight = nn.ParameterList(nn.Parameter(torch.ones(n, dtype=dtype)) for n in kc)
+            self.bn_bias = nn.ParameterList(nn.Parameter(torch.zeros(n, dtype=dtype)) for n in kc)
+            for i, n in enumerate(kc):
+                self.register_buffer(f"running_mean{i}", torch.zeros(n, dtype=dtype))
+                self.register_buffer(f"running_var{i}", torch.ones(n, dtype=dtype))
+                self.register_buffer(f"num_batches_tracked{i}", torch.tensor(0, dtype=torch.long))
+
+    def _bn(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """h: [K, B, C] -> per-member batch norm over B, returned as [K, B, C] (a transposed view)."""
+        k, b, c = h.shape
+        if self.training:
+            getattr(self, f"num_batches_tracked{i}").add_(1)
+        flat = h.transpose(0, 1).reshape(b, k * c)
+        out = F.batch_norm(
+            flat,
+            getattr(self, f"running_mean{i}"),
+            getattr(self, f"running_var{i}"),
+            self.bn_weight[i],
+            self.bn_bias[i],
+            training=self.training,
+            momentum=BN_MOMENTUM,
+            eps=BN_EPS,
+        )
+        return out.view(b, k, c).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [K, B, in] (each member its own batch) or [B, in] (one batch for all). Returns [K, B, out]."""
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if x.dim() == 2:
+                # Shared input (evaluation): one GEMM against all members' weights side by side.
+                n, fin = x.shape
+                h = (x @ w.transpose(0, 1).reshape(fin, -1)).view(n, self.k, -1).transpose(0, 1) + b
+            else:
+                h = torch.baddbmm(b, x, w)
+            if i < last:
+                if self.bn:
+                    h = self._bn(i, h)
+                h = self.act(h)
+            x = h
+        return x
+
+    @torch.no_grad()
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's state under the keys of reference_mlp(...).state_dict()."""
+        out: dict[str, torch.Tensor] = {}
+        idx = 0
+        last = len(self.weights) - 1
+        for i in range(len(self.weights)):
+            out[f"{idx}.weight"] = self.weights[i][k].t().clone()
+            out[f"{idx}.bias"] = self.biases[i][k, 0].clone()
+            idx += 1
+            if i < last:
+                if self.bn:
+                    c = self.widths[i]
+                    sl = slice(k * c, (k + 1) * c)
+                    out[f"{idx}.weight"] = self.bn_weight[i][sl].clone()
+                    out[f"{idx}.bias"] = self.bn_bias[i][sl].clone()
+                    out[f"{idx}.running_mean"] = getattr(self, f"running_mean{i}")[sl].clone()
+                    out[f"{idx}.running_var"] = getattr(self, f"running_var{i}")[sl].clone()
+                    out[f"{idx}.num_batches_tracked"] = getattr(self, f"num_batches_tracked{i}").clone()
+                    idx += 1
+                idx += 1  # the activation
+        return out

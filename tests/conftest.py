@@ -1,0 +1,55 @@
+"""Shared fixtures: real MNIST from ../shared (or BNBENCH_DATA_ROOT), a private cache, small subsets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mnist_root() -> Path:
+    env = os.environ.get("BNBENCH_DATA_ROOT")
+    root = Path(env) if env else REPO.parent / "shared" / "data"
+    if not (root / "MNIST" / "raw").is_dir() and not any(root.glob("train-images-idx3-ubyte*")):
+        # Loud, not skipped: CI always has ../shared beside the checkout.
+        pytest.fail(f"MNIST not found under {root}: set BNBENCH_DATA_ROOT to a folder holding MNIST/raw/")
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return mnist_root()
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    # One cache per test session, never the user's; the data root stays read-only.
+    monkeypatch.setenv("BNBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def mnist_cpu(tmp_path_factory):
+    """Full MNIST on the CPU as float64 and float32 Splits (loaded once)."""
+    from bnbench import data
+
+    os.environ.setdefault("BNBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    return {
+        "float32": data.load("mnist", mnist_root(), device="cpu", dtype=torch.float32),
+        "float64": data.load("mnist", mnist_root(), device="cpu", dtype=torch.float64),
+    }
+
+
+def subset(splits, n_train: int, n_test: int):
+    from bnbench.data import Splits
+
+    return Splits(splits.train_x[:n_train], splits.train_y[:n_train], splits.test_x[:n_test], splits.test_y[:n_test], splits.sources)
+
+
+@pytest.fixture(scope="session")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)

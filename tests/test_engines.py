@@ -1,0 +1,128 @@
+"""The stacked engine is K independent torch.nn models: proved against the reference engine."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bnbench.config import make_config
+from bnbench.engine import Trainer, epoch_permutation
+from bnbench.models import StackedMLP, init_linears, reference_mlp
+
+from conftest import subset
+
+SEEDS = (0, 1, 2)
+
+
+def _train(cfg, splits, accelerator, epochs=1):
+    t = Trainer(cfg, splits, accelerator)
+    for e in range(1, epochs + 1):
+        t.train_epoch(e)
+    return t
+
+
+def _max_diff(a: dict, b: dict, keys=None) -> float:
+    keys = keys or a.keys()
+    assert set(a) == set(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in keys if a[k].is_floating_point())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_stacked_equals_reference_float64(mnist_cpu, accelerator, optimizer):
+    # 6,000 samples / batch 100 = 60 steps per epoch; two epochs = 120 steps.
+    splits = subset(mnist_cpu["float64"], 6000, 2000)
+    kw = dict(seeds=SEEDS, epochs=2, dtype="float64", optimizer=optimizer, lr=1e-3 if optimizer == "adam" else 0.05, momentum=0.9 if optimizer == "sgd" else 0.0)
+    stacked = _train(make_config(engine="stacked", **kw), splits, accelerator, epochs=2)
+    ref = _train(make_config(engine="reference", **kw), splits, accelerator, epochs=2)
+    assert stacked.steps_done == ref.steps_done == 120
+    # float32 figure, for the message: how far apart the two engines drift in single precision.
+    s32 = _train(make_config(engine="stacked", **{**kw, "dtype": "float32"}), subset(mnist_cpu["float32"], 6000, 2000), accelerator, epochs=2)
+    r32 = _train(make_config(engine="reference", **{**kw, "dtype": "float32"}), subset(mnist_cpu["float32"], 6000, 2000), accelerator, epochs=2)
+    f32 = max(_max_diff(s32.member_state(v, s), r32.member_state(v, s)) for v in ("bn", "nobn") for s in SEEDS)
+    for v in ("bn", "nobn"):
+        for s in SEEDS:
+            a, b = stacked.member_state(v, s), ref.member_state(v, s)
+            params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+            d = _max_diff(a, b, params)
+            assert d <= 1e-9, f"{v}/seed{s}: max parameter difference {d:.3e} in float64 (float32: {f32:.3e})"
+            if v == "bn":
+                stats = [k for k in a if k.endswith(("running_mean", "running_var"))]
+                assert _max_diff(a, b, stats) <= 1e-9, f"{v}/seed{s}: running stats differ"
+                assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("num_batches_tracked"))
+    for x, y in ((splits.train_x, splits.train_y), (splits.test_x, splits.test_y)):
+        ls, accs = stacked.evaluate(x, y)
+        lr_, accr = ref.evaluate(x, y)
+        assert (ls - lr_).abs().max().item() <= 1e-9
+        assert torch.equal(accs, accr), "accuracy must agree exactly"
+    print(f"float64 engines agree to <=1e-9; float32 max parameter difference {f32:.3e}")
+
+
+def test_bn_and_nobn_share_init_and_batches(accelerator, mnist_cpu):
+    cfg = make_config(seeds=(3, 4), epochs=1)
+    t = Trainer(cfg, subset(mnist_cpu["float32"], 1000, 100), accelerator)
+    for s in (3, 4):
+        bn, nobn = t.member_state("bn", s), t.member_state("nobn", s)
+        # Sequential indices: bn = Linear(0) BN(1) ReLU(2) Linear(3) ...; nobn = Linear(0) ReLU(1) Linear(2) ...
+        pairs = [("0", "0"), ("3", "2"), ("6", "4")]
+        for kb, kn in pairs:
+            assert torch.equal(bn[f"{kb}.weight"], nobn[f"{kn}.weight"])
+            assert torch.equal(bn[f"{kb}.bias"], nobn[f"{kn}.bias"])
+        # ... and exactly what nn.Linear draws under torch.manual_seed(seed)
+        torch.manual_seed(s)
+        lin = torch.nn.Linear(784, 32)
+        assert torch.equal(bn["0.weight"], lin.weight.detach())
+    assert not torch.equal(t.member_state("bn", 3)["0.weight"], t.member_state("bn", 4)["0.weight"])
+    # One permutation per seed and epoch, whatever the variant; seeds and epochs differ.
+    order = t.epoch_order(1)
+    assert torch.equal(order[0], epoch_permutation(3, 1, 1000))
+    assert not torch.equal(order[0], order[1])
+    assert not torch.equal(epoch_permutation(3, 1, 1000), epoch_permutation(3, 2, 1000))
+    assert torch.equal(torch.sort(order[0]).values, torch.arange(1000))
+
+
+def test_training_batches_are_shared_by_variants(accelerator, mnist_cpu):
+    # Record the samples each member's model actually sees in a step.
+    cfg = make_config(seeds=(0, 1), epochs=1, engine="reference", batch_size=50)
+    splits = subset(mnist_cpu["float32"], 200, 50)
+    t = Trainer(cfg, splits, accelerator)
+    seen: dict = {}
+    for u in t.units:
+        key = t.members[u.members.start]
+        u.model.register_forward_pre_hook(lambda m, args, key=key: seen.setdefault(key, []).append(args[0].clone()) if m.training else None)
+    t.train_epoch(1)
+    for s in (0, 1):
+        assert len(seen[("bn", s)]) == 4
+        for a, b in zip(seen[("bn", s)], seen[("nobn", s)]):
+            assert torch.equal(a, b)
+    assert not torch.equal(seen[("bn", 0)][0], seen[("bn", 1)][0])
+
+
+def test_stacked_bn_is_per_member_batchnorm(mnist_cpu):
+    # One F.batch_norm over K*C channels == K separate BatchNorm1d layers, train and eval.
+    inits = [init_linears(s, (784, 8, 6, 10)) for s in range(3)]
+    inits = [[(w.double(), b.double()) for w, b in m] for m in inits]
+    st = StackedMLP(inits, bn=True)
+    refs = [reference_mlp(m, bn=True) for m in inits]
+    x = mnist_cpu["float64"].train_x[:96].view(3, 32, 784)
+    out = st(x)
+    for k in range(3):
+        assert torch.allclose(out[k], refs[k](x[k]), atol=1e-12, rtol=0)
+        assert _max_diff(st.member_state_dict(k), refs[k].state_dict()) <= 1e-12
+    st.eval()
+    for r in refs:
+        r.eval()
+    xe = mnist_cpu["float64"].test_x[:40]
+    oe = st(xe)
+    for k in range(3):
+        assert torch.allclose(oe[k], refs[k](xe), atol=1e-12, rtol=0)
+
+
+def test_same_config_same_numbers(accelerator, mnist_cpu):
+    splits = subset(mnist_cpu["float32"], 2000, 500)
+    cfg = make_config(seeds=(0, 1), epochs=1)
+    a, b = _train(cfg, splits, accelerator), _train(cfg, splits, accelerator)
+    for v in ("bn", "nobn"):
+        for s in (0, 1):
+            sa, sb = a.member_state(v, s), b.member_state(v, s)
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
