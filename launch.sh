@@ -2,6 +2,7 @@
 # bnbench launcher. Sets up .venv/ by itself (idempotent), then:
 #   ./launch.sh              the lab's benchmark: 5 seeds x {BN, no-BN} x 15 epochs on MNIST, then its report
 #   ./launch.sh test [ARGS]  the test suite (pytest ARGS)
+#   ./launch.sh bench [ARGS] the pytest-benchmark suite in bench/, saved under reports/bench/
 #   ./launch.sh CMD [ARGS]   any bnbench command: run, report, data, list (bnbench --help)
 # Environment: BNBENCH_DATA_ROOT (folder with the MNIST IDX files), BNBENCH_CACHE,
 #   BNBENCH_TORCH (pip spec for torch; default the build this project is tested with).
@@ -51,7 +52,19 @@ case "$cmd" in
         ;;
     test)
         shift
+        # Debian's recompressed Fashion-MNIST is part of what the data tests accept.
+        if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "launch.sh: installing Debian's dataset-fashion-mnist for the data tests ..." >&2
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 ||
+                echo "launch.sh: could not install dataset-fashion-mnist; its test will fail" >&2
+        fi
         exec "$PY" -m pytest tests "$@"
+        ;;
+    bench)
+        shift
+        mkdir -p reports/bench
+        exec "$PY" -m pytest bench --benchmark-only --benchmark-storage=reports/bench --benchmark-autosave \
+            --benchmark-columns=median,iqr,rounds "$@"
         ;;
     *)
         exec "$VENV/bin/bnbench" "$@"

@@ -13,6 +13,7 @@ bn and nobn members of that seed, drop_last like the lab.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import Config, ConfigError
 from .data import Splits
 from .models import StackedMLP, init_linears, reference_mlp
 
@@ -37,10 +38,13 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Optimizer:
+    """Adam or SGD. fused=True (stacked engine) runs one kernel per parameter instead of
+    ~10 elementwise ops: same update rule, 3x less time in a step dominated by per-op overhead."""
+    kw = {"fused": True} if fused else {}
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.Adam(params, lr=cfg.lr, **kw)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, **kw)
 
 
 @dataclass
@@ -62,6 +66,11 @@ class Trainer:
         self.device = accelerator.device
         self.dtype = getattr(torch, cfg.dtype)
         self.world_size = world_size
+        n = splits.train_x.shape[0]
+        if cfg.batch_size > n:
+            raise ConfigError(f"batch size {cfg.batch_size} exceeds the {n} training samples")
+        if "bn" in cfg.variants and cfg.batch_size // world_size < 2:
+            raise ConfigError("BatchNorm needs at least 2 samples per batch on each process")
         seeds = list(cfg.seeds)
         inits = {s: [(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)] for s in seeds}
         self.members = [(v, s) for v in cfg.variants for s in seeds]
@@ -70,7 +79,8 @@ class Trainer:
             base = vi * len(seeds)
             if cfg.engine == "stacked":
                 model = StackedMLP([inits[s] for s in seeds], bn=(v == "bn"), activation=cfg.activation)
-                opt = make_optimizer(cfg, model.parameters())
+                model = model.to(self.device)  # fused optimizers want their parameters placed first
+                opt = make_optimizer(cfg, model.parameters(), fused=True)
                 model, opt = accelerator.prepare(model, opt)
                 self.units.append(Unit(v, slice(base, base + len(seeds)), slice(None), model, opt))
             else:
@@ -104,8 +114,10 @@ class Trainer:
         self._sync()
         t0 = time.perf_counter()
         for t in range(steps):
-            idx = order[:, t * b : (t + 1) * b]
-            xb, yb = x[idx], y[idx]  # [S, B, 784], [S, B]: every member's batch in one gather
+            idx = order[:, t * b : (t + 1) * b].reshape(-1)
+            # Every member's batch in one gather; index_select is ~3x faster than x[idx] on the CPU.
+            xb = x.index_select(0, idx).view(len(self.cfg.seeds), b, -1)  # [S, B, 784]
+            yb = y.index_select(0, idx).view(len(self.cfg.seeds), b)  # [S, B]
             for u in self.units:
                 u.optimizer.zero_grad(set_to_none=True)
                 if isinstance(u.seeds, int):  # reference: exactly the lab's step
@@ -135,8 +147,9 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval mode over every sample of (x, y): (mean loss, accuracy) per member, float64."""
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Eval mode over every sample of (x, y), none dropped: per member the mean loss
+        (float64), the number correct (int64), and the number of samples scored."""
         m = len(self.members)
         loss_sum = torch.zeros(m, dtype=torch.float64, device=self.device)
         correct = torch.zeros(m, dtype=torch.int64, device=self.device)
@@ -153,7 +166,7 @@ class Trainer:
                 loss_sum[u.members] += per_sample.sum(1, dtype=torch.float64)
                 correct[u.members] += (logits.argmax(-1) == yc).sum(1)
         total = x.shape[0]
-        return (loss_sum / total).cpu(), correct.cpu().double() / total
+        return (loss_sum / total).cpu(), correct.cpu(), total
 
     # -- member access (tests, checkpoints) ---------------------------------------
     def member_state(self, variant: str, seed: int) -> dict[str, torch.Tensor]:
@@ -185,7 +198,6 @@ def device_name(device: torch.device) -> str:
 
 
 def new_run_id() -> str:
-    import os
     import secrets
 
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -220,6 +232,15 @@ def training_function(
     try:
         accelerator = accelerator or Accelerator(cpu=cfg.cpu)
         world_size = accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != world_size:
+            # N launched processes that each think they are alone would each train on all the data.
+            raise ConfigError(
+                f"the launcher started {launched} processes but Accelerate sees {world_size}: "
+                "each would train alone on all the data. On CPUs launch with ACCELERATE_USE_CPU=true."
+            )
+        if world_size > 1:
+            raise ConfigError("this version of bnbench runs in one process; multi-process DDP is not implemented yet")
         if splits is None:
             splits = data.load(cfg.dataset, data_root, device=accelerator.device, dtype=getattr(torch, cfg.dtype))
         trainer = Trainer(cfg, splits, accelerator, world_size=world_size)
@@ -284,8 +305,8 @@ def training_function(
                 epoch, on_step=lambda t: bar.update(tick) if t % tick == 0 else None
             )
             bar.close()
-            train_loss, train_acc = trainer.evaluate(splits.train_x, splits.train_y)
-            test_loss, test_acc = trainer.evaluate(splits.test_x, splits.test_y)
+            train_loss, train_correct, train_total = trainer.evaluate(splits.train_x, splits.train_y)
+            test_loss, test_correct, test_total = trainer.evaluate(splits.test_x, splits.test_y)
             trainer.mark_diverged(epoch, running, train_loss, test_loss)
             throughput = len(trainer.members) * steps * cfg.batch_size / seconds
             now = utcnow()
@@ -301,9 +322,13 @@ def training_function(
                         "epoch": epoch,
                         "step": trainer.steps_done,
                         "train_loss": val(train_loss),
-                        "train_acc": val(train_acc),
+                        "train_acc": None if dead else int(train_correct[i]) / train_total,
                         "test_loss": val(test_loss),
-                        "test_acc": val(test_acc),
+                        "test_acc": None if dead else int(test_correct[i]) / test_total,
+                        "train_correct": int(train_correct[i]),
+                        "train_total": train_total,
+                        "test_correct": int(test_correct[i]),
+                        "test_total": test_total,
                         "train_loss_running": val(running),
                         "train_seconds": seconds,
                         "samples_per_s": throughput,

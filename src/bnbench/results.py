@@ -1,6 +1,6 @@
 """Results: one JSON line per member per epoch, appended durably; run metadata beside it.
 
-DIR/results.jsonl  rows (pandas: pd.read_json(path, lines=True))
+DIR/results.jsonl  rows (pandas: pd.read_json(path, lines=True, precise_float=True))
 DIR/meta.json      {"runs": {run_id: {config, versions, devices, host, git, ...}}}
 Each epoch's rows go out in ONE os.write on an O_APPEND descriptor followed by
 fsync, so a crash loses at most the epoch in flight and never interleaves lines.
@@ -28,8 +28,8 @@ META_FILE = "meta.json"
 SCHEMA: dict[str, str] = {
     "run_id": "one invocation of `bnbench run`; keys meta.json",
     "preset": "preset the config started from",
-    "dataset": "mnist | fashion-mnist",
-    "variant": "bn (BatchNorm1d after each hidden Linear) | nobn",
+    "dataset": "mnist / fashion-mnist",
+    "variant": "bn (BatchNorm1d after each hidden Linear) / nobn",
     "seed": "init and data-order seed; bn and nobn of one seed share both",
     "epoch": "1-based epoch just completed",
     "step": "optimizer steps taken by this member so far",
@@ -37,6 +37,10 @@ SCHEMA: dict[str, str] = {
     "train_acc": "correct / total over ALL training samples, eval mode",
     "test_loss": "mean cross-entropy over ALL test samples (10,000 for MNIST), eval mode",
     "test_acc": "correct / total over ALL test samples, eval mode",
+    "train_correct": "training samples classified correctly (eval mode)",
+    "train_total": "training samples scored (all of them: 60,000 for MNIST)",
+    "test_correct": "test samples classified correctly",
+    "test_total": "test samples scored (all of them: 10,000 for MNIST)",
     "train_loss_running": "mean mini-batch loss during the epoch (train mode)",
     "train_seconds": "wall time of the epoch's training steps, evaluation excluded (CUDA synchronised)",
     "samples_per_s": "member-samples per second in the epoch: members trained x samples / train_seconds",
@@ -45,14 +49,15 @@ SCHEMA: dict[str, str] = {
     "batch_size": "global mini-batch (samples per member per step)",
     "per_device_batch": "mini-batch per process",
     "lr": "learning rate",
-    "optimizer": "adam | sgd",
+    "optimizer": "adam / sgd",
     "momentum": "SGD momentum (0 for adam)",
     "hidden": "hidden widths, e.g. '32,32'",
-    "activation": "relu | sigmoid | tanh",
+    "activation": "relu / sigmoid / tanh",
     "epochs": "epochs configured for the run",
-    "engine": "stacked (all members in batched matmuls) | reference (one nn.Sequential each)",
-    "dtype": "float32 | float64",
-    "device": "cpu | cuda:N, with the device name",
+    "engine": "stacked (all members in batched matmuls) / reference (one nn.Sequential each)",
+    "dtype": "float32 / float64",
+    "device": "torch device the run trained on: cpu / cuda:N",
+    "device_name": "CPU model or GPU name",
     "world_size": "processes in the run",
     "sync_bn": "BN statistics over the global batch across processes",
     "time": "UTC time the row was written (ISO 8601)",

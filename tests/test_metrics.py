@@ -1,0 +1,54 @@
+"""Metrics are exact: every sample scored once, accuracy = correct/total, loss = mean over samples."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnbench.config import make_config
+from bnbench.engine import Trainer
+from bnbench.models import reference_mlp
+
+from conftest import subset
+
+
+@pytest.mark.parametrize("engine", ["stacked", "reference"])
+def test_metrics_equal_hand_count(accelerator, mnist_cpu, engine):
+    # 1,003 test samples scored in chunks of 100: a ragged last chunk that must not be dropped.
+    splits = subset(mnist_cpu["float64"], 1000, 1003)
+    cfg = make_config(seeds=(0, 5), epochs=1, dtype="float64", engine=engine, eval_batch=100)
+    t = Trainer(cfg, splits, accelerator)
+    t.train_epoch(1)
+    loss, correct, total = t.evaluate(splits.test_x, splits.test_y)
+    assert total == 1003
+    for i, (variant, seed) in enumerate(t.members):
+        state = t.member_state(variant, seed)
+        model = reference_mlp(_inits(state, variant), bn=variant == "bn")
+        model.load_state_dict(state)
+        model.eval()
+        hand_correct, hand_loss = 0, 0.0
+        with torch.no_grad():
+            for xi, yi in zip(splits.test_x, splits.test_y):  # one sample at a time, the slow obvious way
+                logits = model(xi.unsqueeze(0))[0]
+                hand_correct += int(int(torch.argmax(logits)) == int(yi))
+                hand_loss += float(F.cross_entropy(logits.unsqueeze(0), yi.unsqueeze(0)))
+        assert int(correct[i]) == hand_correct, (variant, seed)
+        assert math.isclose(float(loss[i]), hand_loss / 1003, rel_tol=1e-12), (variant, seed)
+
+
+def _inits(state, variant):
+    keys = ["0", "3", "6"] if variant == "bn" else ["0", "2", "4"]
+    return [(state[f"{k}.weight"], state[f"{k}.bias"]) for k in keys]
+
+
+def test_eval_uses_running_statistics(accelerator, mnist_cpu):
+    # In eval mode a sample's prediction must not depend on the other samples in its chunk.
+    splits = subset(mnist_cpu["float32"], 1000, 300)
+    t = Trainer(make_config(seeds=(0,), epochs=1, variants=("bn",)), splits, accelerator)
+    t.train_epoch(1)
+    a = t.evaluate(splits.test_x, splits.test_y)
+    t.cfg = make_config(seeds=(0,), epochs=1, variants=("bn",), eval_batch=7)
+    b = t.evaluate(splits.test_x, splits.test_y)
+    assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0], rtol=1e-6)

@@ -1,0 +1,181 @@
+"""A run end to end: the results schema, durability per epoch, divergence, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from bnbench import data
+from bnbench.config import ConfigError, make_config
+from bnbench.engine import Trainer, training_function
+from bnbench.results import SCHEMA, read_results
+
+from conftest import REPO, subset
+
+
+def _run(cfg, out, splits, accelerator, **kw):
+    return training_function(cfg, out, quiet=True, accelerator=accelerator, splits=splits, **kw)
+
+
+def test_results_schema_and_meta(tmp_path, accelerator, mnist_cpu):
+    splits = subset(mnist_cpu["float32"], 2000, 700)
+    cfg = make_config(seeds=(0, 1, 2), epochs=2)
+    run_id = _run(cfg, tmp_path, splits, accelerator)
+    # What a pandas user does; precise_float keeps every float exactly as written.
+    df = pd.read_json(tmp_path / "results.jsonl", lines=True, precise_float=True)
+    assert len(df) == 3 * 2 * 2
+    assert set(SCHEMA) <= set(df.columns), set(SCHEMA) - set(df.columns)
+    assert (df["run_id"] == run_id).all()
+    assert sorted(df[["variant", "seed", "epoch"]].itertuples(index=False)) == sorted(
+        (v, s, e) for v in ("bn", "nobn") for s in (0, 1, 2) for e in (1, 2)
+    )
+    assert (df["test_total"] == 700).all() and (df["train_total"] == 2000).all()
+    assert (df["test_acc"] == df["test_correct"] / df["test_total"]).all()
+    assert (df["step"] == df["epoch"] * 20).all()
+    assert df["train_seconds"].gt(0).all() and df["samples_per_s"].gt(0).all()
+    assert (df[["batch_size", "lr", "engine", "device", "world_size", "sync_bn"]].iloc[0].tolist() == [100, 1e-3, "stacked", "cpu", 1, False])
+    meta = json.loads((tmp_path / "meta.json").read_text())["runs"][run_id]
+    assert meta["status"] == "complete" and meta["config"] == cfg.to_dict()
+    for key in ("versions", "hostname", "git_commit", "device", "device_name", "cpu", "data_sources"):
+        assert meta[key], key
+    assert meta["versions"]["torch"] == torch.__version__
+
+
+def test_rows_are_on_disk_as_each_epoch_completes(tmp_path, accelerator, mnist_cpu, monkeypatch):
+    splits = subset(mnist_cpu["float32"], 1000, 100)
+    original = Trainer.train_epoch
+
+    def crash_in_epoch_3(self, epoch, on_step=None):
+        if epoch == 3:
+            # Rows of epochs 1-2 must already be durable when epoch 3 dies.
+            assert len(read_results(tmp_path)[0]) == 2 * 2 * 2
+            raise KeyboardInterrupt
+        return original(self, epoch, on_step)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(make_config(seeds=(0, 1), epochs=5), tmp_path, splits, accelerator)
+    df, problems = read_results(tmp_path)
+    assert problems == [] and sorted(df["epoch"].unique()) == [1, 2]
+    (meta,) = json.loads((tmp_path / "meta.json").read_text())["runs"].values()
+    assert meta["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("engine", ["stacked", "reference"])
+def test_diverged_member_marked_others_untouched(tmp_path, accelerator, mnist_cpu, engine):
+    splits = subset(mnist_cpu["float32"], 2000, 500)
+    cfg = make_config(seeds=(0, 1, 2), epochs=2, engine=engine)
+
+    def poison(trainer):
+        # Make nobn/seed1 blow up as a diverging member would: NaN in one weight.
+        for u in trainer.units:
+            if u.variant == "nobn" and u.members.start <= trainer.members.index(("nobn", 1)) < u.members.stop:
+                w = trainer.accelerator.unwrap_model(u.model).parameters().__next__()
+                with torch.no_grad():
+                    (w[1] if engine == "stacked" else w)[0, 0] = float("nan")
+
+    _run(cfg, tmp_path / "clean", splits, accelerator)
+    _run(cfg, tmp_path / "bad", splits, accelerator, trainer_hook=poison)
+    clean, _ = read_results(tmp_path / "clean")
+    bad, _ = read_results(tmp_path / "bad")
+    sick = (bad["variant"] == "nobn") & (bad["seed"] == 1)
+    assert bad.loc[sick, "diverged"].all() and bad.loc[sick, "test_acc"].isna().all()
+    assert not bad.loc[~sick, "diverged"].any()
+    cols = ["train_loss", "train_acc", "test_loss", "test_acc", "train_loss_running"]
+    # The others trained exactly as without the sick member: bitwise equal metrics.
+    pd.testing.assert_frame_equal(
+        bad.loc[~sick, cols].reset_index(drop=True), clean.loc[~((clean["variant"] == "nobn") & (clean["seed"] == 1)), cols].reset_index(drop=True), check_exact=True
+    )
+
+
+def test_unwritable_output_fails_before_training(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("data loaded before the output was checked"))
+    with pytest.raises(ConfigError, match="cannot be written"):
+        training_function(make_config(epochs=1), blocker / "out", quiet=True)
+
+
+def _cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "bnbench", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--preset", "lab"], "unknown preset 'lab'; valid: seed"),
+        (["--variants", "bn,ln"], "unknown variant 'ln'; valid: bn, nobn"),
+        (["--dataset", "cifar"], "unknown dataset 'cifar'; valid: mnist, fashion-mnist"),
+        (["--engine", "fast"], "unknown engine 'fast'; valid: stacked, reference"),
+        (["--activation", "elu"], "unknown activation 'elu'"),
+        (["--seeds", "0-"], "malformed --seeds '0-'"),
+        (["--seeds", "3-1"], "runs backwards"),
+        (["--seeds", "a,b"], "malformed --seeds 'a,b'"),
+        (["--seeds", "1,1"], "listed twice"),
+        (["--seeds", ""], "malformed --seeds"),
+        (["--batch-size", "0"], "--batch-size: must be positive, got 0"),
+        (["--batch-size=-5"], "--batch-size: must be positive"),
+        (["--epochs", "0"], "--epochs: must be positive"),
+        (["--epochs", "two"], "--epochs: expected a positive integer"),
+        (["--lr", "0"], "--lr: must be a positive finite number"),
+        (["--lr=-1e-3"], "--lr: must be a positive finite number"),
+        (["--lr", "nan"], "--lr: must be a positive finite number"),
+        (["--hidden", "32,x"], "malformed --hidden"),
+        (["--hidden", "32,0"], "hidden must be one or more positive layer widths"),
+        (["--batch-size", "70000"], "exceeds the 60000 training samples"),
+    ],
+)
+def test_bad_input_clear_error(tmp_path, data_root, args, expect):
+    out = tmp_path / "out"
+    p = _cli("run", "--epochs", "1", "--out", str(out), *args, env={"BNBENCH_DATA_ROOT": str(data_root)}) if "--epochs" not in args else _cli("run", "--out", str(out), *args, env={"BNBENCH_DATA_ROOT": str(data_root)})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert expect in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (out / "results.jsonl").exists() or (out / "results.jsonl").stat().st_size == 0
+
+
+def test_config_validation_direct():
+    for bad in (dict(batch_size=0), dict(epochs=-1), dict(lr=0.0), dict(lr=float("inf")), dict(seeds=()), dict(variants=("bn", "bn"))):
+        with pytest.raises(ConfigError):
+            make_config(**bad)
+
+
+def test_help_lists_every_command():
+    p = _cli("--help")
+    assert p.returncode == 0
+    for cmd in ("run", "report", "data", "list"):
+        assert cmd in p.stdout
+    p = _cli("run", "--help")
+    assert p.returncode == 0 and "--seeds" in p.stdout and "--data-root" in p.stdout
+
+
+def test_cli_run_and_report_on_full_mnist(tmp_path, data_root):
+    out = tmp_path / "r"
+    p = _cli("run", "--epochs", "1", "--seeds", "0,1", "--out", str(out), "--report", env={"BNBENCH_DATA_ROOT": str(data_root)})
+    assert p.returncode == 0, p.stderr
+    df = pd.read_json(out / "results.jsonl", lines=True)
+    assert len(df) == 4 and (df["test_total"] == 10000).all() and (df["train_total"] == 60000).all()
+    assert (df.loc[df.variant == "bn", "test_acc"] > 0.9).all()
+    assert (out / "report" / "report.html").exists()
+    assert "report" in p.stdout
+
+
+def test_refuses_the_silent_multiprocess_mode(tmp_path, data_root, monkeypatch):
+    # torchrun/accelerate on a machine without GPUs, without ACCELERATE_USE_CPU: every rank alone.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("trained in the silent mode"))
+    with pytest.raises(ConfigError, match="launcher started 2 processes but Accelerate sees 1"):
+        training_function(make_config(epochs=1), tmp_path, quiet=True)
+
+
+def test_readme_documents_every_column_and_command():
+    readme = (REPO / "README.md").read_text()
+    for col in SCHEMA:
+        assert f"`{col}`" in readme, f"README lacks the results column {col}"
+    for cmd in ("bnbench run", "bnbench report", "bnbench data", "bnbench list", "./launch.sh test"):
+        assert cmd in readme, cmd
