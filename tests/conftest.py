@@ -25,21 +25,22 @@ def data_root() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    # One cache per test session, never the user's; the data root stays read-only.
-    monkeypatch.setenv("BNBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def _private_cache(tmp_path, monkeypatch):
+    # Each test its own empty cache, never the user's: no test sees another's downloads.
+    monkeypatch.setenv("BNBENCH_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="session")
 def mnist_cpu(tmp_path_factory):
-    """Full MNIST on the CPU as float64 and float32 Splits (loaded once)."""
+    """Full MNIST on the CPU as float64 and float32 Splits (loaded once for the session)."""
     from bnbench import data
 
-    os.environ.setdefault("BNBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    return {
-        "float32": data.load("mnist", mnist_root(), device="cpu", dtype=torch.float32),
-        "float64": data.load("mnist", mnist_root(), device="cpu", dtype=torch.float64),
-    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BNBENCH_CACHE", str(tmp_path_factory.mktemp("session-cache")))
+        return {
+            "float32": data.load("mnist", mnist_root(), device="cpu", dtype=torch.float32),
+            "float64": data.load("mnist", mnist_root(), device="cpu", dtype=torch.float64),
+        }
 
 
 def subset(splits, n_train: int, n_test: int):

@@ -132,7 +132,7 @@ def _cli(*args, env=None, timeout=600):
 )
 def test_bad_input_clear_error(tmp_path, data_root, args, expect):
     out = tmp_path / "out"
-    p = _cli("run", "--epochs", "1", "--out", str(out), *args, env={"BNBENCH_DATA_ROOT": str(data_root)}) if "--epochs" not in args else _cli("run", "--out", str(out), *args, env={"BNBENCH_DATA_ROOT": str(data_root)})
+    p = _cli("run", "--out", str(out), *args, env={"BNBENCH_DATA_ROOT": str(data_root)}, timeout=180)
     assert p.returncode == 2, p.stdout + p.stderr
     assert expect in p.stderr, p.stderr
     assert "Traceback" not in p.stderr

@@ -204,8 +204,107 @@ def new_run_id() -> str:
     return f"{stamp}-{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
 
 
-def _table_line(cols: list[tuple[str, str]], header: bool = False) -> str:
-    return "  ".join((name if header else value).rjust(max(len(name), len(value))) for name, value in cols)
+def check_world(accelerator) -> int:
+    """The number of processes, after refusing launches this version cannot run correctly."""
+    world_size = accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world_size:
+        # N launched processes that each think they are alone would each train on all the data.
+        raise ConfigError(
+            f"the launcher started {launched} processes but Accelerate sees {world_size}: "
+            "each would train alone on all the data. On CPUs launch with ACCELERATE_USE_CPU=true."
+        )
+    if world_size > 1:
+        raise ConfigError("this version of bnbench runs in one process; multi-process DDP is not implemented yet")
+    return world_size
+
+
+def static_fields(cfg: Config, run_id: str, trainer: Trainer, device: str, dev_name: str, git: str) -> dict:
+    """The columns every row of a run shares."""
+    from . import __version__
+
+    return {
+        "run_id": run_id,
+        "preset": cfg.preset,
+        "dataset": cfg.dataset,
+        "batch_size": cfg.batch_size,
+        "per_device_batch": cfg.batch_size // trainer.world_size,
+        "lr": cfg.lr,
+        "optimizer": cfg.optimizer,
+        "momentum": cfg.momentum,
+        "hidden": ",".join(map(str, cfg.hidden)),
+        "activation": cfg.activation,
+        "epochs": cfg.epochs,
+        "engine": cfg.engine,
+        "dtype": cfg.dtype,
+        "device": device,
+        "device_name": dev_name,
+        "world_size": trainer.world_size,
+        "sync_bn": cfg.sync_bn,
+        "members": len(trainer.members),
+        "bnbench_version": __version__,
+        "torch_version": torch.__version__,
+        "git_commit": git,
+    }
+
+
+def epoch_rows(trainer: Trainer, static: dict, epoch: int, running, seconds: float, train, test) -> list[dict]:
+    """One row per member; a diverged member's metrics are None (null in JSON)."""
+    from .results import utcnow
+
+    (train_loss, train_correct, train_total), (test_loss, test_correct, test_total) = train, test
+    throughput = len(trainer.members) * trainer.steps_per_epoch() * trainer.cfg.batch_size / seconds
+    now = utcnow()
+    rows = []
+    for i, (variant, seed) in enumerate(trainer.members):
+        ok = not bool(trainer.diverged[i])
+        rows.append(
+            {
+                **static,
+                "variant": variant,
+                "seed": seed,
+                "epoch": epoch,
+                "step": trainer.steps_done,
+                "train_loss": float(train_loss[i]) if ok else None,
+                "train_acc": int(train_correct[i]) / train_total if ok else None,
+                "test_loss": float(test_loss[i]) if ok else None,
+                "test_acc": int(test_correct[i]) / test_total if ok else None,
+                "train_correct": int(train_correct[i]),
+                "train_total": train_total,
+                "test_correct": int(test_correct[i]),
+                "test_total": test_total,
+                "train_loss_running": float(running[i]) if ok else None,
+                "train_seconds": seconds,
+                "samples_per_s": throughput,
+                "diverged": not ok,
+                "time": now,
+            }
+        )
+    return rows
+
+
+TABLE = ["epoch", "variant", "train_loss", "train_acc", "test_loss", "test_acc", "diverged", "train_s", "member-samples/s"]
+
+
+def table_lines(rows: list[dict], header: bool) -> list[str]:
+    """The per-epoch console table: per variant the mean over live members, columns aligned."""
+    lines = []
+    widths = [max(len(c), 9) for c in TABLE]
+    if header:
+        lines.append("  ".join(c.rjust(w) for c, w in zip(TABLE, widths)))
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == v]
+        live = [r for r in mine if not r["diverged"]]
+
+        def mean(key):
+            return f"{sum(r[key] for r in live) / len(live):.4f}" if live else "nan"
+
+        vals = [
+            str(mine[0]["epoch"]), v, mean("train_loss"), mean("train_acc"), mean("test_loss"), mean("test_acc"),
+            f"{len(mine) - len(live)}/{len(mine)}", f"{mine[0]['train_seconds']:.2f}", f"{mine[0]['samples_per_s']:,.0f}",
+        ]
+        lines.append("  ".join(x.rjust(w) for x, w in zip(vals, widths)))
+    return lines
 
 
 def training_function(
@@ -225,22 +324,14 @@ def training_function(
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from . import __version__, data
+    from . import data
     from .results import ResultsWriter, environment, update_meta, utcnow
 
     writer = ResultsWriter(out_dir)
+    run_id = None
     try:
         accelerator = accelerator or Accelerator(cpu=cfg.cpu)
-        world_size = accelerator.num_processes
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched != world_size:
-            # N launched processes that each think they are alone would each train on all the data.
-            raise ConfigError(
-                f"the launcher started {launched} processes but Accelerate sees {world_size}: "
-                "each would train alone on all the data. On CPUs launch with ACCELERATE_USE_CPU=true."
-            )
-        if world_size > 1:
-            raise ConfigError("this version of bnbench runs in one process; multi-process DDP is not implemented yet")
+        world_size = check_world(accelerator)
         if splits is None:
             splits = data.load(cfg.dataset, data_root, device=accelerator.device, dtype=getattr(torch, cfg.dtype))
         trainer = Trainer(cfg, splits, accelerator, world_size=world_size)
@@ -248,109 +339,35 @@ def training_function(
             trainer_hook(trainer)  # tests: inspect or perturb members before training
         run_id = new_run_id()
         env = environment()
-        dev = str(accelerator.device)
-        dev_name = device_name(accelerator.device)
-        update_meta(
-            out_dir,
-            run_id,
-            {
-                "config": cfg.to_dict(),
-                "status": "running",
-                "started": utcnow(),
-                "device": dev,
-                "device_name": dev_name,
-                "world_size": world_size,
-                "mixed_precision": str(accelerator.mixed_precision),
-                "data_sources": splits.sources,
-                "train_samples": int(splits.train_x.shape[0]),
-                "test_samples": int(splits.test_x.shape[0]),
-                **env,
-            },
-        )
-        static = {
-            "run_id": run_id,
-            "preset": cfg.preset,
-            "dataset": cfg.dataset,
-            "batch_size": cfg.batch_size,
-            "per_device_batch": cfg.batch_size // world_size,
-            "lr": cfg.lr,
-            "optimizer": cfg.optimizer,
-            "momentum": cfg.momentum,
-            "hidden": ",".join(map(str, cfg.hidden)),
-            "activation": cfg.activation,
-            "epochs": cfg.epochs,
-            "engine": cfg.engine,
-            "dtype": cfg.dtype,
-            "device": dev,
-            "device_name": dev_name,
-            "world_size": world_size,
-            "sync_bn": cfg.sync_bn,
-            "members": len(trainer.members),
-            "bnbench_version": __version__,
-            "torch_version": torch.__version__,
-            "git_commit": env["git_commit"],
-        }
+        dev, dev_name = str(accelerator.device), device_name(accelerator.device)
+        update_meta(out_dir, run_id, {
+            "config": cfg.to_dict(), "status": "running", "started": utcnow(),
+            "device": dev, "device_name": dev_name, "world_size": world_size,
+            "mixed_precision": str(accelerator.mixed_precision), "data_sources": splits.sources,
+            "train_samples": int(splits.train_x.shape[0]), "test_samples": int(splits.test_x.shape[0]),
+            **env,
+        })
+        static = static_fields(cfg, run_id, trainer, dev, dev_name, env["git_commit"])
         show = accelerator.is_main_process and not quiet
-        cols = ["epoch", "variant", "train_loss", "train_acc", "test_loss", "test_acc", "diverged", "train_s", "member-samples/s"]
         if show:
             accelerator.print(
                 f"bnbench run {run_id}: {len(cfg.seeds)} seeds x {','.join(cfg.variants)}, {cfg.epochs} epochs, "
                 f"{cfg.dataset}, engine {cfg.engine}, {dev} ({dev_name})"
             )
         steps = trainer.steps_per_epoch()
+        tick = max(1, steps // 100)  # progress updates: ~100 per epoch, not one per step
         for epoch in range(1, cfg.epochs + 1):
-            bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True)
-            tick = max(1, steps // 100)
-            running, seconds = trainer.train_epoch(
-                epoch, on_step=lambda t: bar.update(tick) if t % tick == 0 else None
-            )
-            bar.close()
-            train_loss, train_correct, train_total = trainer.evaluate(splits.train_x, splits.train_y)
-            test_loss, test_correct, test_total = trainer.evaluate(splits.test_x, splits.test_y)
-            trainer.mark_diverged(epoch, running, train_loss, test_loss)
-            throughput = len(trainer.members) * steps * cfg.batch_size / seconds
-            now = utcnow()
-            rows = []
-            for i, (variant, seed) in enumerate(trainer.members):
-                dead = bool(trainer.diverged[i])
-                val = (lambda t: None if dead else float(t[i]))
-                rows.append(
-                    {
-                        **static,
-                        "variant": variant,
-                        "seed": seed,
-                        "epoch": epoch,
-                        "step": trainer.steps_done,
-                        "train_loss": val(train_loss),
-                        "train_acc": None if dead else int(train_correct[i]) / train_total,
-                        "test_loss": val(test_loss),
-                        "test_acc": None if dead else int(test_correct[i]) / test_total,
-                        "train_correct": int(train_correct[i]),
-                        "train_total": train_total,
-                        "test_correct": int(test_correct[i]),
-                        "test_total": test_total,
-                        "train_loss_running": val(running),
-                        "train_seconds": seconds,
-                        "samples_per_s": throughput,
-                        "diverged": dead,
-                        "time": now,
-                    }
-                )
+            with tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True) as bar:
+                running, seconds = trainer.train_epoch(epoch, on_step=lambda t: bar.update(tick) if t % tick == 0 else None)
+            train = trainer.evaluate(splits.train_x, splits.train_y)
+            test = trainer.evaluate(splits.test_x, splits.test_y)
+            trainer.mark_diverged(epoch, running, train[0], test[0])
+            rows = epoch_rows(trainer, static, epoch, running, seconds, train, test)
             if accelerator.is_main_process:
                 writer.append(rows)  # durable before the next epoch starts
             if show:
-                if epoch == 1:
-                    accelerator.print(_table_line([(c, c) for c in cols], header=True))
-                for v in cfg.variants:
-                    alive = [r for r in rows if r["variant"] == v and not r["diverged"]]
-                    mean = lambda key: sum(r[key] for r in alive) / len(alive) if alive else float("nan")  # noqa: E731
-                    vals = [
-                        str(epoch), v, f"{mean('train_loss'):.4f}", f"{mean('train_acc'):.4f}",
-                        f"{mean('test_loss'):.4f}", f"{mean('test_acc'):.4f}",
-                        f"{sum(r['diverged'] for r in rows if r['variant'] == v)}/{len(cfg.seeds)}",
-                        f"{seconds:.2f}", f"{throughput:,.0f}",
-                    ]
-                    accelerator.print(_table_line(list(zip(cols, vals))))
+                for line in table_lines(rows, header=epoch == 1):
+                    accelerator.print(line)
         n_div = int(trainer.diverged.sum())
         update_meta(out_dir, run_id, {"status": "complete", "finished": utcnow(), "diverged_members": n_div})
         if show and n_div:
@@ -358,7 +375,7 @@ def training_function(
             accelerator.print(f"warning: {n_div} member(s) diverged: {', '.join(names)}")
         return run_id
     except BaseException as e:
-        if "run_id" in locals():
+        if run_id is not None:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             update_meta(out_dir, run_id, {"status": status, "finished": utcnow(), "error": f"{type(e).__name__}: {e}"})
         raise

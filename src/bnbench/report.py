@@ -112,14 +112,13 @@ def _figures(df: pd.DataFrame, out: Path) -> list[tuple[str, str]]:
     live = df[~df["diverged"].astype(bool)].copy()
     live["variant"] = live["variant"].map(lambda v: LABELS.get(v, v))
     palette = {LABELS[k]: c for k, c in PALETTE.items()}
-    ci = lambda v: mean_ci95(v)  # noqa: E731
     for metric, ylabel, fname in (
         ("test_acc", "test accuracy (fraction correct)", "test_accuracy.png"),
         ("test_loss", "test loss (mean cross-entropy, nats)", "test_loss.png"),
     ):
         g = sns.relplot(
             data=live, x="epoch", y=metric, hue="variant", col="config", col_wrap=min(len(configs), 3),
-            kind="line", errorbar=ci, marker="o", palette=palette, height=4, aspect=1.3,
+            kind="line", errorbar=mean_ci95, marker="o", palette=palette, height=4, aspect=1.3,
             facet_kws={"sharey": False},
         )
         g.set_axis_labels("epoch", ylabel)
@@ -218,7 +217,10 @@ def build_report(out_dir) -> Path:
     )
 
     pairs_show = pairs.assign(difference_pp=pairs["difference"] * 100).drop(columns=["difference"])
-    table_show = table.drop(columns=["ci95_low", "ci95_high"]) if len(table) else table
+    table_show = table
+    if len(table):
+        table_show = table.assign(**{"mean ± std": [f"{m:.4f} ± {sd:.4f}" for m, sd in zip(table["mean"], table["std"])]})
+        table_show = table_show[["config", "variant", "mean ± std", "min", "max", "n", "diverged", "epoch"]]
 
     md = ["# bnbench report", "", f"Results: `{out_dir / 'results.jsonl'}` ({len(df)} rows, {df['run_id'].nunique()} run(s)).", ""]
     md += ["## Verdict", "", *[f"- {v}" for v in verdict_lines], ""]
