@@ -47,8 +47,7 @@ cmd=${1:-}
 case "$cmd" in
     "")
         out="runs/lab-$(date -u +%Y%m%dT%H%M%S)"
-        "$VENV/bin/bnbench" run --out "$out"
-        "$VENV/bin/bnbench" report "$out"
+        exec "$VENV/bin/bnbench" run --out "$out" --report
         ;;
     test)
         shift

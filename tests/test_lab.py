@@ -1,12 +1,18 @@
 """The main job reproduces the lab: the default benchmark, full MNIST, 5 seeds x 15 epochs (~2 min on 2 cores)."""
 from __future__ import annotations
 
+import json
+
+import pandas as pd
 import pytest
+import torch
 
 from bnbench.config import make_config
 from bnbench.engine import training_function
 from bnbench.report import build_report, final_rows
-from bnbench.results import read_results
+from bnbench.results import environment, read_results
+
+from conftest import REPO
 
 
 @pytest.mark.slow
@@ -26,3 +32,17 @@ def test_default_benchmark_reproduces_the_lab(tmp_path, data_root, accelerator):
     assert (acc["bn"] > acc["nobn"]).all(), f"BN not ahead on every seed: {acc.to_dict()}"
     assert build_report(tmp_path).exists()
     print(f"final test accuracy: {summary}")
+
+    # reports/lab/ holds what ./launch.sh gave when it was committed; the README quotes it. On the same
+    # CPU model and torch build the run is bitwise reproducible, so it must match row for row.
+    committed = REPO / "reports" / "lab"
+    (meta,) = json.loads((committed / "meta.json").read_text())["runs"].values()
+    same_env = meta["cpu"] == environment()["cpu"] and meta["versions"]["torch"] == torch.__version__
+    keys, cols = ["variant", "seed", "epoch"], ["train_loss", "train_acc", "test_loss", "test_acc", "train_loss_running"]
+    old = pd.read_json(committed / "results.jsonl", lines=True, precise_float=True).sort_values(keys)[keys + cols]
+    new = df.sort_values(keys)[keys + cols]
+    if same_env:
+        pd.testing.assert_frame_equal(old.reset_index(drop=True), new.reset_index(drop=True), check_exact=True)
+    else:
+        print(f"reports/lab made on {meta['cpu']} / torch {meta['versions']['torch']}; here {environment()['cpu']} / "
+              f"{torch.__version__}: bitwise comparison not applicable, thresholds checked above")

@@ -38,7 +38,11 @@ def config_label(df: pd.DataFrame) -> pd.Series:
     """A short label per row built only from the config columns that vary in df."""
     keys = [k for k in CONFIG_KEYS if k in df and df[k].astype(str).nunique() > 1]
     if not keys:
-        return pd.Series("all runs", index=df.index)
+        # One configuration: name its main settings so a figure stands on its own.
+        r = df.iloc[0]
+        parts = [str(r.get("dataset", "")), f"hidden {r.get('hidden', '?')} {r.get('activation', '')}",
+                 f"{r.get('optimizer', '')} lr {r.get('lr', '?')}", f"batch {r.get('batch_size', '?')}"]
+        return pd.Series(", ".join(p for p in parts if p.strip()), index=df.index)
     return df[keys].astype(str).apply(lambda r: ", ".join(f"{k}={v}" for k, v in zip(keys, r)), axis=1)
 
 
