@@ -356,9 +356,13 @@ def training_function(
             )
         steps = trainer.steps_per_epoch()
         tick = max(1, steps // 100)  # progress updates: ~100 per epoch, not one per step
+        # One bar for the whole run (its ETA is the run's); off when not a terminal or --quiet.
+        bar = tqdm(total=cfg.epochs * steps, unit="step", leave=False, disable=None if show else True)
         for epoch in range(1, cfg.epochs + 1):
-            with tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True) as bar:
-                running, seconds = trainer.train_epoch(epoch, on_step=lambda t: bar.update(tick) if t % tick == 0 else None)
+            bar.set_description(f"epoch {epoch}/{cfg.epochs}")
+            running, seconds = trainer.train_epoch(epoch, on_step=lambda t: bar.update(tick) if t % tick == 0 else None)
+            bar.update(epoch * steps - bar.n)
+            bar.set_description(f"epoch {epoch}/{cfg.epochs} eval")
             train = trainer.evaluate(splits.train_x, splits.train_y)
             test = trainer.evaluate(splits.test_x, splits.test_y)
             trainer.mark_diverged(epoch, running, train[0], test[0])
@@ -367,7 +371,8 @@ def training_function(
                 writer.append(rows)  # durable before the next epoch starts
             if show:
                 for line in table_lines(rows, header=epoch == 1):
-                    accelerator.print(line)
+                    bar.write(line)  # above the bar, which stays at the bottom
+        bar.close()
         n_div = int(trainer.diverged.sum())
         update_meta(out_dir, run_id, {"status": "complete", "finished": utcnow(), "diverged_members": n_div})
         if show and n_div:
