@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import re
 import statistics
 
@@ -89,3 +88,13 @@ def test_report_on_empty_or_missing_results(tmp_path):
     (tmp_path / "results.jsonl").write_text("")
     with pytest.raises(ConfigError, match="holds no rows"):
         build_report(tmp_path)
+
+
+def test_all_diverged_still_reports(tmp_path):
+    rows = [{**r, "diverged": True, "test_acc": None, "test_loss": None} for r in _rows()]
+    _write(tmp_path, rows)
+    build_report(tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.count("diverged (loss NaN/inf) at epoch 1") == 6
+    assert "No seed has both a BN and a no-BN member" in md
+

@@ -116,10 +116,11 @@ def _figures(df: pd.DataFrame, out: Path) -> list[tuple[str, str]]:
     live = df[~df["diverged"].astype(bool)].copy()
     live["variant"] = live["variant"].map(lambda v: LABELS.get(v, v))
     palette = {LABELS[k]: c for k, c in PALETTE.items()}
-    for metric, ylabel, fname in (
+    curves = [] if live.empty else [  # every member diverged: nothing to draw, the notes say why
         ("test_acc", "test accuracy (fraction correct)", "test_accuracy.png"),
         ("test_loss", "test loss (mean cross-entropy, nats)", "test_loss.png"),
-    ):
+    ]
+    for metric, ylabel, fname in curves:
         g = sns.relplot(
             data=live, x="epoch", y=metric, hue="variant", col="config", col_wrap=min(len(configs), 3),
             kind="line", errorbar=mean_ci95, marker="o", palette=palette, height=4, aspect=1.3,

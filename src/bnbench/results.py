@@ -131,7 +131,16 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def update_meta(out_dir: str | os.PathLike, run_id: str, meta: dict) -> None:
     """Merge one run's metadata into DIR/meta.json (atomic replace; other runs kept)."""
+    import fcntl
+
     path = Path(out_dir) / META_FILE
+    # Two runs appending to one folder must not lose each other's entries: read-modify-write under a lock.
+    with open(Path(out_dir) / ".meta.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _update_meta_locked(path, run_id, meta)
+
+
+def _update_meta_locked(path: Path, run_id: str, meta: dict) -> None:
     doc = {"schema": 1, "runs": {}}
     if path.exists():
         try:
