@@ -128,6 +128,8 @@ def _cli(*args, env=None, timeout=600):
         (["--hidden", "32,x"], "malformed --hidden"),
         (["--hidden", "32,0"], "hidden must be one or more positive layer widths"),
         (["--batch-size", "70000"], "exceeds the 60000 training samples"),
+        (["--momentum", "0.9"], "momentum applies to --optimizer sgd only"),
+        (["--optimizer", "sgd", "--momentum", "1.5"], "momentum must be in [0, 1)"),
     ],
 )
 def test_bad_input_clear_error(tmp_path, data_root, args, expect):

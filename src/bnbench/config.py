@@ -100,6 +100,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lr must be a positive finite number, got {cfg.lr!r}")
     if not (0.0 <= cfg.momentum < 1.0):
         raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum!r}")
+    if cfg.momentum and cfg.optimizer != "sgd":
+        raise ConfigError(f"momentum applies to --optimizer sgd only, not {cfg.optimizer}")
     if not cfg.hidden or any((not isinstance(h, int)) or h <= 0 for h in cfg.hidden):
         raise ConfigError(f"hidden must be one or more positive layer widths, got {cfg.hidden!r}")
     if not cfg.seeds:

@@ -106,13 +106,13 @@ class Trainer:
         """One epoch for every member. Returns (mean mini-batch loss per member, seconds)."""
         cfg, x, y = self.cfg, self.splits.train_x, self.splits.train_y
         b, steps = cfg.batch_size, self.steps_per_epoch()
-        order = self.epoch_order(epoch)
         # Accumulated on the device: no host synchronisation inside the step loop.
         loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=self.device)
         for u in self.units:
             u.model.train()
         self._sync()
         t0 = time.perf_counter()
+        order = self.epoch_order(epoch)  # shuffling is part of an epoch's cost, as in a DataLoader
         for t in range(steps):
             idx = order[:, t * b : (t + 1) * b].reshape(-1)
             # Every member's batch in one gather; index_select is ~3x faster than x[idx] on the CPU.
