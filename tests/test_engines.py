@@ -1,7 +1,6 @@
 """The stacked engine is K independent torch.nn models: proved against the reference engine."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

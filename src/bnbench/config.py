@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 VARIANTS = ("bn", "nobn")  # BatchNorm1d after each hidden Linear / the plain MLP
 DATASETS = ("mnist", "fashion-mnist")
@@ -56,14 +56,12 @@ class Config:
     sync_bn: bool = False  # cross-process BN statistics (needs world size > 1 to matter)
     cpu: bool = False  # force the CPU even when a GPU is visible
     eval_batch: int = 10_000  # samples per evaluation chunk (memory only, not the result)
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         validate(self)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.pop("extra")
         d["hidden"] = list(self.hidden)
         d["seeds"] = list(self.seeds)
         d["variants"] = list(self.variants)

@@ -192,9 +192,9 @@ class Trainer:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from .results import environment
+    from .results import cpu_name
 
-    return environment()["cpu"]
+    return cpu_name()
 
 
 def new_run_id() -> str:
