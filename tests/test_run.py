@@ -64,6 +64,11 @@ def test_rows_are_on_disk_as_each_epoch_completes(tmp_path, accelerator, mnist_c
     assert problems == [] and sorted(df["epoch"].unique()) == [1, 2]
     (meta,) = json.loads((tmp_path / "meta.json").read_text())["runs"].values()
     assert meta["status"] == "interrupted"
+    from bnbench.report import build_report
+
+    build_report(tmp_path)  # the report says what is missing and why
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "2 of 5 epochs recorded" in md and "status interrupted (KeyboardInterrupt" in md
 
 
 @pytest.mark.parametrize("engine", ["stacked", "reference"])

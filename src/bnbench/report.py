@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import ConfigError
 from .results import META_FILE, ResultsProblem, read_results
 
 # What makes two rows the same experiment (apart from variant and seed).
@@ -172,12 +173,8 @@ def build_report(out_dir) -> Path:
     try:
         df, problems = read_results(out_dir)
     except ResultsProblem as e:
-        from .config import ConfigError
-
         raise ConfigError(str(e)) from None
     if df.empty:
-        from .config import ConfigError
-
         raise ConfigError(f"{out_dir}/results.jsonl holds no rows" + (f"; problems: {problems}" if problems else ""))
     df["diverged"] = df.get("diverged", False)
     df["diverged"] = df["diverged"].fillna(False).astype(bool)
@@ -206,6 +203,9 @@ def build_report(out_dir) -> Path:
             meta = json.loads((out_dir / META_FILE).read_text()).get("runs", {})
         except ValueError as e:
             notes.append(f"{out_dir / META_FILE} unreadable: {e}")
+    for rid, m in meta.items():
+        if rid in set(df["run_id"]) and m.get("status") not in ("complete", None):
+            notes.append(f"run {rid}: status {m['status']}" + (f" ({m['error']})" if m.get("error") else ""))
     env_rows = pd.DataFrame(
         [
             {
