@@ -203,8 +203,9 @@ def build_report(out_dir) -> Path:
             meta = json.loads((out_dir / META_FILE).read_text()).get("runs", {})
         except ValueError as e:
             notes.append(f"{out_dir / META_FILE} unreadable: {e}")
+    run_ids = set(df["run_id"])
     for rid, m in meta.items():
-        if rid in set(df["run_id"]) and m.get("status") not in ("complete", None):
+        if rid in run_ids and m.get("status") not in ("complete", None):
             notes.append(f"run {rid}: status {m['status']}" + (f" ({m['error']})" if m.get("error") else ""))
     env_rows = pd.DataFrame(
         [
@@ -217,7 +218,7 @@ def build_report(out_dir) -> Path:
                 "host": m.get("hostname", "?"),
             }
             for rid, m in meta.items()
-            if rid in set(df["run_id"])
+            if rid in run_ids
         ]
     )
 
