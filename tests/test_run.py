@@ -172,12 +172,13 @@ def test_cli_run_and_report_on_full_mnist(tmp_path, data_root):
     assert "report" in p.stdout
 
 
-def test_refuses_the_silent_multiprocess_mode(tmp_path, data_root, monkeypatch):
-    # torchrun/accelerate on a machine without GPUs, without ACCELERATE_USE_CPU: every rank alone.
+def test_refuses_the_silent_multiprocess_mode(tmp_path, data_root, monkeypatch, accelerator):
+    # A launcher's rank handed a one-process Accelerator (as torchrun + Accelerator() gives
+    # without a GPU): it would train alone on all the data.
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("trained in the silent mode"))
     with pytest.raises(ConfigError, match="launcher started 2 processes but Accelerate sees 1"):
-        training_function(make_config(epochs=1), tmp_path, quiet=True)
+        training_function(make_config(epochs=1), tmp_path, quiet=True, accelerator=accelerator)
 
 
 def test_readme_documents_every_column_and_command():

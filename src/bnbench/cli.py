@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,9 @@ from .config import (
     make_config,
     parse_int_list,
     parse_list,
+    LaunchError,
+    launched_rank,
+    launched_world,
     parse_seeds,
 )
 
@@ -69,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default=DEFAULT_PRESET, help=f"starting values (default {DEFAULT_PRESET}); one of: {', '.join(PRESETS)}")
     r.add_argument("--dataset", help=f"one of: {', '.join(DATASETS)} (preset: mnist)")
     r.add_argument("--epochs", type=_positive_int, help="passes over the training set (preset: 15)")
-    r.add_argument("--batch-size", type=_positive_int, help="global mini-batch in samples (preset: 100)")
+    r.add_argument("--batch-size", type=_positive_int, help="global mini-batch in samples, split over the processes (preset: 100)")
+    r.add_argument("--per-device-batch", type=_positive_int, help="instead: samples per process per step (global = this x processes)")
     r.add_argument("--lr", type=_positive_float, help="learning rate (preset: 1e-3)")
     r.add_argument("--hidden", type=_wrap(lambda t: parse_int_list(t, "--hidden")), help="hidden widths, e.g. 32,32 (preset)")
     r.add_argument("--activation", help=f"one of: {', '.join(ACTIVATIONS)} (preset: relu)")
@@ -80,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", help=f"one of: {', '.join(ENGINES)} (default stacked)")
     r.add_argument("--dtype", help=f"one of: {', '.join(DTYPES)} (default float32)")
     r.add_argument("--sync-bn", action="store_true", default=None, help="BN statistics over the global batch across processes")
+    r.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                   help="multi-process runs: limit for process-group set-up and any one collective (default 600)")
     r.add_argument("--cpu", action="store_true", default=None, help="train on the CPU even when a GPU is visible")
     r.add_argument("--eval-batch", type=_positive_int, help="samples per evaluation chunk (memory only; default 10000)")
     r.add_argument("--data-root", help="folder with the four IDX files (default: $BNBENCH_DATA_ROOT, the cache, a download)")
@@ -109,6 +116,7 @@ def cmd_run(a) -> int:
         dataset=a.dataset,
         epochs=a.epochs,
         batch_size=a.batch_size,
+        per_device_batch=a.per_device_batch,
         lr=a.lr,
         hidden=a.hidden,
         activation=a.activation,
@@ -123,7 +131,9 @@ def cmd_run(a) -> int:
         eval_batch=a.eval_batch,
     )
     out = Path(a.out or f"runs/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-    run_id = training_function(cfg, out, data_root=a.data_root, quiet=a.quiet)
+    run_id = training_function(cfg, out, data_root=a.data_root, quiet=a.quiet, dist_timeout=a.dist_timeout)
+    if launched_rank() != 0:
+        return 0  # rank 0 wrote the results and reports them
     print(f"results: {out / 'results.jsonl'} (run {run_id})")
     if a.report:
         return cmd_report(argparse.Namespace(dir=str(out)))
@@ -162,16 +172,33 @@ def cmd_list(a) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a launcher stopping its ranks, a scheduler's time limit): wind down like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated("SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The run's meta.json then says `interrupted` instead of staying `running` forever.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    who = f"bnbench [rank {launched_rank()}]" if launched_world() > 1 else "bnbench"
     try:
         return {"run": cmd_run, "report": cmd_report, "data": cmd_data, "list": cmd_list}[args.command](args)
     except ConfigError as e:
-        print(f"bnbench: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return 2
+    except LaunchError as e:
+        print(f"{who}: error: {e}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print(f"{who}: terminated (SIGTERM); completed epochs are in results.jsonl", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("bnbench: interrupted; completed epochs are in results.jsonl", file=sys.stderr)
+        print(f"{who}: interrupted; completed epochs are in results.jsonl", file=sys.stderr)
         return 130
 
 

@@ -6,6 +6,7 @@ here, so that a results row plus its config reproduces the numbers.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -38,6 +39,26 @@ class ConfigError(ValueError):
     """Bad user input: the message says what was wrong and what is accepted."""
 
 
+# -- the launcher's environment (torch-free, so that `bnbench --help` stays instant) --
+class LaunchError(RuntimeError):
+    """The processes of a launch could not form or keep their group."""
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher (torchrun, accelerate launch, mpirun) set it; 0 alone."""
+    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def launched_world() -> int:
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
 @dataclass(frozen=True)
 class Config:
     preset: str = DEFAULT_PRESET
@@ -47,13 +68,14 @@ class Config:
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.0
-    batch_size: int = 100
+    batch_size: int | None = 100  # global mini-batch, samples, at any world size
+    per_device_batch: int | None = None  # instead: samples per process (global = this x world size)
     epochs: int = 15
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     variants: tuple[str, ...] = VARIANTS
     engine: str = "stacked"
     dtype: str = "float32"
-    sync_bn: bool = False  # cross-process BN statistics (needs world size > 1 to matter)
+    sync_bn: bool = False  # BN statistics over the global batch, across processes
     cpu: bool = False  # force the CPU even when a GPU is visible
     eval_batch: int = 10_000  # samples per evaluation chunk (memory only, not the result)
 
@@ -66,6 +88,17 @@ class Config:
         d["seeds"] = list(self.seeds)
         d["variants"] = list(self.variants)
         return d
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples per member per step over all processes; an error if they cannot split evenly."""
+        if self.per_device_batch is not None:
+            return self.per_device_batch * world_size
+        if self.batch_size % world_size:
+            raise ConfigError(
+                f"global batch {self.batch_size} does not split over {world_size} processes; "
+                f"use a multiple of {world_size}, or --per-device-batch"
+            )
+        return self.batch_size
 
     @property
     def layer_sizes(self) -> tuple[int, ...]:
@@ -90,8 +123,12 @@ def validate(cfg: Config) -> None:
         _one_of("variant", v, VARIANTS)
     if len(set(cfg.variants)) != len(cfg.variants):
         raise ConfigError(f"variant listed twice in {','.join(cfg.variants)}")
-    for name in ("batch_size", "epochs", "eval_batch"):
+    if (cfg.batch_size is None) == (cfg.per_device_batch is None):
+        raise ConfigError("give the global --batch-size or --per-device-batch, not both")
+    for name in ("batch_size", "per_device_batch", "epochs", "eval_batch"):
         value = getattr(cfg, name)
+        if value is None and name in ("batch_size", "per_device_batch"):
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0 and cfg.lr < float("inf")):
@@ -153,6 +190,10 @@ def make_config(preset: str = DEFAULT_PRESET, **overrides) -> Config:
     _one_of("preset", preset, tuple(PRESETS))
     values = dict(PRESETS[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("per_device_batch") is not None:
+        if overrides.get("batch_size") is not None:
+            raise ConfigError("give the global --batch-size or --per-device-batch, not both")
+        values["batch_size"] = None  # the preset's global batch gives way to the per-process one
     unknown = set(values) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")

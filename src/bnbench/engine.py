@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,16 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .data import Splits
+from .distributed import (
+    all_reduce_sum,
+    backend_name,
+    broadcast_buffers,
+    check_world,
+    convert_sync_bn,
+    launched_rank,
+    make_accelerator,
+    shard,
+)
 from .models import StackedMLP, init_linears, reference_mlp
 
 
@@ -54,8 +65,9 @@ class Unit:
     variant: str
     members: slice  # positions in Trainer.members (contiguous by construction)
     seeds: slice | int  # rows of the [S, B] batch it trains on
-    model: nn.Module
+    model: nn.Module  # what training calls: DDP-wrapped when world size > 1
     optimizer: torch.optim.Optimizer
+    net: nn.Module  # the bare module: evaluation, state, buffers
 
 
 class Trainer:
@@ -65,12 +77,18 @@ class Trainer:
         self.cfg, self.splits, self.accelerator = cfg, splits, accelerator
         self.device = accelerator.device
         self.dtype = getattr(torch, cfg.dtype)
-        self.world_size = world_size
+        self.world_size, self.rank = world_size, accelerator.process_index
+        self.batch = cfg.global_batch(world_size)  # global: every member, every step
+        self.local_batch = self.batch // world_size  # this process's slice of it
         n = splits.train_x.shape[0]
-        if cfg.batch_size > n:
-            raise ConfigError(f"batch size {cfg.batch_size} exceeds the {n} training samples")
-        if "bn" in cfg.variants and cfg.batch_size // world_size < 2:
-            raise ConfigError("BatchNorm needs at least 2 samples per batch on each process")
+        if self.batch > n:
+            raise ConfigError(f"global batch {self.batch} exceeds the {n} training samples")
+        # With sync BN the statistics span the global batch; without, each process's slice.
+        bn_batch = self.batch if cfg.sync_bn else self.local_batch
+        if "bn" in cfg.variants and bn_batch < 2:
+            raise ConfigError(f"BatchNorm needs at least 2 samples per batch; it would see {bn_batch}")
+        self.sync_bn = cfg.sync_bn and world_size > 1
+        self.backend = backend_name()
         seeds = list(cfg.seeds)
         inits = {s: [(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)] for s in seeds}
         self.members = [(v, s) for v in cfg.variants for s in seeds]
@@ -78,34 +96,51 @@ class Trainer:
         for vi, v in enumerate(cfg.variants):
             base = vi * len(seeds)
             if cfg.engine == "stacked":
-                model = StackedMLP([inits[s] for s in seeds], bn=(v == "bn"), activation=cfg.activation)
-                model = model.to(self.device)  # fused optimizers want their parameters placed first
-                opt = make_optimizer(cfg, model.parameters(), fused=True)
-                model, opt = accelerator.prepare(model, opt)
-                self.units.append(Unit(v, slice(base, base + len(seeds)), slice(None), model, opt))
+                net = StackedMLP([inits[s] for s in seeds], bn=(v == "bn"), activation=cfg.activation, sync_bn=self.sync_bn)
+                self._add(v, slice(base, base + len(seeds)), slice(None), net, fused=True)
             else:
                 for j, s in enumerate(seeds):
-                    model = reference_mlp(inits[s], bn=(v == "bn"), activation=cfg.activation)
-                    opt = make_optimizer(cfg, model.parameters())
-                    model, opt = accelerator.prepare(model, opt)
-                    self.units.append(Unit(v, slice(base + j, base + j + 1), j, model, opt))
+                    net = reference_mlp(inits[s], bn=(v == "bn"), activation=cfg.activation)
+                    if self.sync_bn and v == "bn":
+                        net = convert_sync_bn(net, self.backend)
+                    self._add(v, slice(base + j, base + j + 1), j, net, fused=False)
         self.steps_done = 0
         self.diverged = torch.zeros(len(self.members), dtype=torch.bool)
         self.diverged_epoch: list[int | None] = [None] * len(self.members)
 
+    def _add(self, variant: str, members: slice, seeds, net: nn.Module, fused: bool) -> None:
+        net = net.to(self.device)  # fused optimizers want their parameters placed first
+        opt = make_optimizer(self.cfg, net.parameters(), fused=fused)
+        with warnings.catch_warnings():
+            # accelerate can only pass DDP broadcast_buffers=False, which torch now calls deprecated
+            # in favour of forward_sync_buffers; both skip the per-step buffer broadcast we avoid.
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
+            model, opt = self.accelerator.prepare(net, opt)  # DDP when world size > 1
+        self.units.append(Unit(variant, members, seeds, model, opt, self.accelerator.unwrap_model(model)))
+
     # -- training -----------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        return self.splits.train_x.shape[0] // self.cfg.batch_size  # drop_last, as the lab
+        return self.splits.train_x.shape[0] // self.batch  # drop_last, as the lab
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """[S, N] permutations, one per seed, on the device."""
         n = self.splits.train_x.shape[0]
         return torch.stack([epoch_permutation(s, epoch, n) for s in self.cfg.seeds]).to(self.device)
 
+    def local_indices(self, order: torch.Tensor, t: int) -> torch.Tensor:
+        """[S, b]: the samples this rank trains on in step t, its slice of the global batch."""
+        start = t * self.batch + self.rank * self.local_batch
+        return order[:, start : start + self.local_batch]
+
     def train_epoch(self, epoch: int, on_step=None) -> tuple[torch.Tensor, float]:
-        """One epoch for every member. Returns (mean mini-batch loss per member, seconds)."""
+        """One epoch for every member. Returns (mean mini-batch loss per member, seconds).
+
+        Every rank draws the same permutation; rank r takes [r*b, (r+1)*b) of each
+        global batch of B = W*b samples, so ranks see disjoint slices that together
+        are exactly the one-process batch.
+        """
         cfg, x, y = self.cfg, self.splits.train_x, self.splits.train_y
-        b, steps = cfg.batch_size, self.steps_per_epoch()
+        b, steps = self.local_batch, self.steps_per_epoch()
         # Accumulated on the device: no host synchronisation inside the step loop.
         loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=self.device)
         for u in self.units:
@@ -114,7 +149,7 @@ class Trainer:
         t0 = time.perf_counter()
         order = self.epoch_order(epoch)  # shuffling is part of an epoch's cost, as in a DataLoader
         for t in range(steps):
-            idx = order[:, t * b : (t + 1) * b].reshape(-1)
+            idx = self.local_indices(order, t).reshape(-1)
             # Every member's batch in one gather; index_select is ~3x faster than x[idx] on the CPU.
             xb = x.index_select(0, idx).view(len(self.cfg.seeds), b, -1)  # [S, B, 784]
             yb = y.index_select(0, idx).view(len(self.cfg.seeds), b)  # [S, B]
@@ -136,10 +171,12 @@ class Trainer:
                 loss_sum[u.members] += losses.detach()
             if on_step is not None:
                 on_step(t + 1)
+        # Equal slices: the mean of the ranks' slice losses is the global-batch loss.
+        all_reduce_sum(loss_sum)
         self._sync()
         seconds = time.perf_counter() - t0
         self.steps_done += steps
-        return (loss_sum / steps).cpu(), seconds
+        return (loss_sum / (steps * self.world_size)).cpu(), seconds
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -148,36 +185,55 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Eval mode over every sample of (x, y), none dropped: per member the mean loss
-        (float64), the number correct (int64), and the number of samples scored."""
+        """Eval mode over every sample of (x, y), each scored exactly once over all ranks
+        (contiguous shares, no padding): per member the mean loss (float64), the number
+        correct (int64), and the number of samples scored. Every rank returns the same."""
         m = len(self.members)
         loss_sum = torch.zeros(m, dtype=torch.float64, device=self.device)
         correct = torch.zeros(m, dtype=torch.int64, device=self.device)
+        if not self.sync_bn:
+            # Without sync BN each rank's running statistics are its own: evaluate rank 0's.
+            broadcast_buffers([u.net for u in self.units])
         for u in self.units:
-            u.model.eval()
-        for start in range(0, x.shape[0], self.cfg.eval_batch):
-            xc, yc = x[start : start + self.cfg.eval_batch], y[start : start + self.cfg.eval_batch]
+            u.net.eval()
+        mine = shard(x.shape[0], self.rank, self.world_size)
+        for start in range(mine.start, mine.stop, self.cfg.eval_batch):
+            stop = min(start + self.cfg.eval_batch, mine.stop)
+            xc, yc = x[start:stop], y[start:stop]
             for u in self.units:
-                logits = u.model(xc)
+                logits = u.net(xc)
                 if logits.dim() == 2:
                     logits = logits.unsqueeze(0)
                 k, n, c = logits.shape
                 per_sample = F.cross_entropy(logits.reshape(k * n, c), yc.repeat(k), reduction="none").view(k, n)
                 loss_sum[u.members] += per_sample.sum(1, dtype=torch.float64)
                 correct[u.members] += (logits.argmax(-1) == yc).sum(1)
+        all_reduce_sum(loss_sum)
+        all_reduce_sum(correct)
         total = x.shape[0]
         return (loss_sum / total).cpu(), correct.cpu(), total
 
     # -- member access (tests, checkpoints) ---------------------------------------
-    def member_state(self, variant: str, seed: int) -> dict[str, torch.Tensor]:
+    def _unit(self, variant: str, seed: int) -> tuple[Unit, int]:
         i = self.members.index((variant, seed))
         for u in self.units:
             if u.members.start <= i < u.members.stop:
-                model = self.accelerator.unwrap_model(u.model)
-                if isinstance(model, StackedMLP):
-                    return model.member_state_dict(i - u.members.start)
-                return {k: v.detach().clone() for k, v in model.state_dict().items()}
+                return u, i - u.members.start
         raise KeyError((variant, seed))
+
+    def member_state(self, variant: str, seed: int) -> dict[str, torch.Tensor]:
+        """The member's weights and BN buffers under nn.Sequential's keys, whatever the engine."""
+        u, k = self._unit(variant, seed)
+        if isinstance(u.net, StackedMLP):
+            return u.net.member_state_dict(k)
+        return {key: v.detach().clone() for key, v in u.net.state_dict().items()}
+
+    def load_member_state(self, variant: str, seed: int, state: dict[str, torch.Tensor]) -> None:
+        u, k = self._unit(variant, seed)
+        if isinstance(u.net, StackedMLP):
+            u.net.load_member_state_dict(k, state)
+        else:
+            u.net.load_state_dict(state)
 
     def mark_diverged(self, epoch: int, *values: torch.Tensor) -> None:
         bad = torch.zeros_like(self.diverged)
@@ -204,21 +260,6 @@ def new_run_id() -> str:
     return f"{stamp}-{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
 
 
-def check_world(accelerator) -> int:
-    """The number of processes, after refusing launches this version cannot run correctly."""
-    world_size = accelerator.num_processes
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world_size:
-        # N launched processes that each think they are alone would each train on all the data.
-        raise ConfigError(
-            f"the launcher started {launched} processes but Accelerate sees {world_size}: "
-            "each would train alone on all the data. On CPUs launch with ACCELERATE_USE_CPU=true."
-        )
-    if world_size > 1:
-        raise ConfigError("this version of bnbench runs in one process; multi-process DDP is not implemented yet")
-    return world_size
-
-
 def static_fields(cfg: Config, run_id: str, trainer: Trainer, device: str, dev_name: str, git: str) -> dict:
     """The columns every row of a run shares."""
     from . import __version__
@@ -227,8 +268,8 @@ def static_fields(cfg: Config, run_id: str, trainer: Trainer, device: str, dev_n
         "run_id": run_id,
         "preset": cfg.preset,
         "dataset": cfg.dataset,
-        "batch_size": cfg.batch_size,
-        "per_device_batch": cfg.batch_size // trainer.world_size,
+        "batch_size": trainer.batch,
+        "per_device_batch": trainer.local_batch,
         "lr": cfg.lr,
         "optimizer": cfg.optimizer,
         "momentum": cfg.momentum,
@@ -240,6 +281,7 @@ def static_fields(cfg: Config, run_id: str, trainer: Trainer, device: str, dev_n
         "device": device,
         "device_name": dev_name,
         "world_size": trainer.world_size,
+        "backend": trainer.backend,
         "sync_bn": cfg.sync_bn,
         "members": len(trainer.members),
         "bnbench_version": __version__,
@@ -253,7 +295,7 @@ def epoch_rows(trainer: Trainer, static: dict, epoch: int, running, seconds: flo
     from .results import utcnow
 
     (train_loss, train_correct, train_total), (test_loss, test_correct, test_total) = train, test
-    throughput = len(trainer.members) * trainer.steps_per_epoch() * trainer.cfg.batch_size / seconds
+    throughput = len(trainer.members) * trainer.steps_per_epoch() * trainer.batch / seconds
     now = utcnow()
     rows = []
     for i, (variant, seed) in enumerate(trainer.members):
@@ -315,44 +357,54 @@ def training_function(
     accelerator=None,
     splits: Splits | None = None,
     trainer_hook=None,
+    dist_timeout: float = 600.0,
 ) -> str:
     """Run cfg, append every epoch's rows to out_dir/results.jsonl, return the run id.
 
-    The output folder is opened first: a folder that cannot be written fails
-    before any data is read or any step is taken.
+    Runs unchanged in one process or under `accelerate launch` / torchrun; only
+    rank 0 writes. Its output folder is opened first: a folder that cannot be
+    written fails before any data is read or any step is taken.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from . import data
     from .results import ResultsWriter, environment, update_meta, utcnow
 
-    writer = ResultsWriter(out_dir)
+    main = launched_rank() == 0
+    writer = ResultsWriter(out_dir) if main else None
     run_id = None
     try:
-        accelerator = accelerator or Accelerator(cpu=cfg.cpu)
+        accelerator = accelerator or make_accelerator(cfg.cpu, dist_timeout)
         world_size = check_world(accelerator)
-        if splits is None:
-            splits = data.load(cfg.dataset, data_root, device=accelerator.device, dtype=getattr(torch, cfg.dtype))
+        # One process per machine fills the data cache (or downloads) while the others wait.
+        with accelerator.local_main_process_first():
+            if splits is None:
+                splits = data.load(cfg.dataset, data_root, device=accelerator.device, dtype=getattr(torch, cfg.dtype))
         trainer = Trainer(cfg, splits, accelerator, world_size=world_size)
         if trainer_hook is not None:
             trainer_hook(trainer)  # tests: inspect or perturb members before training
         run_id = new_run_id()
         env = environment()
         dev, dev_name = str(accelerator.device), device_name(accelerator.device)
-        update_meta(out_dir, run_id, {
-            "config": cfg.to_dict(), "status": "running", "started": utcnow(),
-            "device": dev, "device_name": dev_name, "world_size": world_size,
-            "mixed_precision": str(accelerator.mixed_precision), "data_sources": splits.sources,
-            "train_samples": int(splits.train_x.shape[0]), "test_samples": int(splits.test_x.shape[0]),
-            **env,
-        })
+        if main:
+            update_meta(out_dir, run_id, {
+                "config": cfg.to_dict(), "status": "running", "started": utcnow(),
+                "device": dev, "device_name": dev_name, "world_size": world_size, "backend": trainer.backend,
+                "processes_per_machine": int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                "batch_size": trainer.batch, "per_device_batch": trainer.local_batch,
+                "mixed_precision": str(accelerator.mixed_precision), "data_sources": splits.sources,
+                "train_samples": int(splits.train_x.shape[0]), "test_samples": int(splits.test_x.shape[0]),
+                **env,
+            })
         static = static_fields(cfg, run_id, trainer, dev, dev_name, env["git_commit"])
-        show = accelerator.is_main_process and not quiet
+        show = main and not quiet
         if show:
+            where = f"{world_size} processes ({trainer.backend}), " if world_size > 1 else ""
             accelerator.print(
                 f"bnbench run {run_id}: {len(cfg.seeds)} seeds x {','.join(cfg.variants)}, {cfg.epochs} epochs, "
-                f"{cfg.dataset}, engine {cfg.engine}, {dev} ({dev_name})"
+                f"{cfg.dataset}, engine {cfg.engine}, batch {trainer.batch}"
+                f"{f' ({trainer.local_batch}/process)' if world_size > 1 else ''}"
+                f"{', sync BN' if trainer.sync_bn else ''}, {where}{dev} ({dev_name})"
             )
         steps = trainer.steps_per_epoch()
         tick = max(1, steps // 100)  # progress updates: ~100 per epoch, not one per step
@@ -367,22 +419,24 @@ def training_function(
             test = trainer.evaluate(splits.test_x, splits.test_y)
             trainer.mark_diverged(epoch, running, train[0], test[0])
             rows = epoch_rows(trainer, static, epoch, running, seconds, train, test)
-            if accelerator.is_main_process:
+            if main:
                 writer.append(rows)  # durable before the next epoch starts
             if show:
                 for line in table_lines(rows, header=epoch == 1):
                     bar.write(line)  # above the bar, which stays at the bottom
         bar.close()
         n_div = int(trainer.diverged.sum())
-        update_meta(out_dir, run_id, {"status": "complete", "finished": utcnow(), "diverged_members": n_div})
+        if main:
+            update_meta(out_dir, run_id, {"status": "complete", "finished": utcnow(), "diverged_members": n_div})
         if show and n_div:
             names = [f"{v}/seed{s} (epoch {trainer.diverged_epoch[i]})" for i, (v, s) in enumerate(trainer.members) if trainer.diverged[i]]
             accelerator.print(f"warning: {n_div} member(s) diverged: {', '.join(names)}")
         return run_id
     except BaseException as e:
-        if run_id is not None:
+        if run_id is not None and main:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             update_meta(out_dir, run_id, {"status": status, "finished": utcnow(), "error": f"{type(e).__name__}: {e}"})
         raise
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()

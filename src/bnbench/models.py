@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import active_world, sync_batch_norm
+
 ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # torch.nn.BatchNorm1d's defaults, as in the lab
@@ -54,10 +56,17 @@ class StackedMLP(nn.Module):
     states of one member never touch another's.
     """
 
-    def __init__(self, member_inits: list[list[tuple[torch.Tensor, torch.Tensor]]], bn: bool, activation: str = "relu"):
+    def __init__(
+        self,
+        member_inits: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        bn: bool,
+        activation: str = "relu",
+        sync_bn: bool = False,
+    ):
         super().__init__()
         self.k = len(member_inits)
         self.bn = bn
+        self.sync_bn = sync_bn  # training statistics over every process's batch (distributed.sync_batch_norm)
         self.activation = activation
         self.act = ACTIVATION_FUNCTIONS[activation]
         n_layers = len(member_inits[0])
@@ -84,6 +93,12 @@ class StackedMLP(nn.Module):
         if self.training:
             getattr(self, f"num_batches_tracked{i}").add_(1)
         flat = h.transpose(0, 1).reshape(b, k * c)
+        if self.training and self.sync_bn and active_world() > 1:
+            out = sync_batch_norm(
+                flat, getattr(self, f"running_mean{i}"), getattr(self, f"running_var{i}"),
+                self.bn_weight[i], self.bn_bias[i], BN_MOMENTUM, BN_EPS,
+            )
+            return out.view(b, k, c).transpose(0, 1)
         out = F.batch_norm(
             flat,
             getattr(self, f"running_mean{i}"),
@@ -135,3 +150,26 @@ class StackedMLP(nn.Module):
                     idx += 1
                 idx += 1  # the activation
         return out
+
+    @torch.no_grad()
+    def load_member_state_dict(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        """Set member k from a reference_mlp-style state dict (the inverse of member_state_dict)."""
+        mine = self.member_state_dict(k)
+        if set(mine) != set(state):
+            raise KeyError(f"state keys {sorted(state)} do not match {sorted(mine)}")
+        idx, last = 0, len(self.weights) - 1
+        for i in range(len(self.weights)):
+            self.weights[i][k].copy_(state[f"{idx}.weight"].t())
+            self.biases[i][k, 0].copy_(state[f"{idx}.bias"])
+            idx += 1
+            if i < last:
+                if self.bn:
+                    c = self.widths[i]
+                    sl = slice(k * c, (k + 1) * c)
+                    self.bn_weight[i][sl].copy_(state[f"{idx}.weight"])
+                    self.bn_bias[i][sl].copy_(state[f"{idx}.bias"])
+                    getattr(self, f"running_mean{i}")[sl].copy_(state[f"{idx}.running_mean"])
+                    getattr(self, f"running_var{i}")[sl].copy_(state[f"{idx}.running_var"])
+                    getattr(self, f"num_batches_tracked{i}").copy_(state[f"{idx}.num_batches_tracked"])
+                    idx += 1
+                idx += 1
