@@ -1,0 +1,97 @@
+"""Member-samples/s at 1 and N processes for BN, no-BN and sync-BN: what DDP costs here.
+
+    .venv/bin/python bench/ddp_scaling.py                 # CPU: 1 and 2 gloo processes
+    .venv/bin/python bench/ddp_scaling.py --nproc 1,2,4   # on a machine with more cores / GPUs
+    .venv/bin/python bench/ddp_scaling.py --gpu           # NCCL on the visible GPUs
+
+Each case is a real `bnbench run` (stacked engine, 5 seeds of one variant, the lab's
+global batch of 100) launched as users launch it; the figure is the results rows'
+own samples_per_s of the last epoch (evaluation excluded). One extra case runs one
+process on one thread with a rank's share of the batch and no communication: the
+difference between it and a rank of the N-process run is what DDP's collectives cost.
+Writes reports/ddp/scaling.csv and prints an aligned table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(out: Path, nproc: int, args: list[str], gpu: bool, threads: int | None = None) -> pd.Series:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if nproc == 1:
+        cmd = [str(BIN / "bnbench"), "run"]
+    else:
+        if not gpu:
+            env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "bnbench", "run"]
+    cmd += args + ([] if gpu else ["--cpu"]) + ["--quiet", "--out", str(out)]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    rows = pd.read_json(out / "results.jsonl", lines=True, precise_float=True)
+    last = rows[rows.epoch == rows.epoch.max()].iloc[0].copy()
+    (meta,) = json.loads((out / "meta.json").read_text())["runs"].values()
+    last["threads"] = meta["torch_threads"]  # rank 0's torch threads (torchrun sets 1 per process)
+    return last
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nproc", default="1,2", help="process counts, e.g. 1,2,4")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="GPUs and NCCL instead of CPU processes and gloo")
+    p.add_argument("--out", default=str(REPO / "reports" / "ddp" / "scaling.csv"))
+    a = p.parse_args()
+    counts = [int(n) for n in a.nproc.split(",")]
+    base = ["--seeds", "0-4", "--epochs", str(a.epochs), "--batch-size", "100"]
+    cases = [("bn", ["--variants", "bn"]), ("nobn", ["--variants", "nobn"]), ("sync-bn", ["--variants", "bn", "--sync-bn"])]
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            for name, extra in cases:
+                r = run(Path(tmp) / f"{name}-{n}", n, base + extra, a.gpu)
+                records.append({"case": name, "processes": n, "threads": r.threads,
+                                "backend": r.backend, "batch_size": r.batch_size, "per_device_batch": r.per_device_batch,
+                                "step_ms": 1e3 * r.train_seconds / (60_000 // r.batch_size),
+                                "member_samples_per_s": r.samples_per_s, "device_name": r.device_name})
+        if not a.gpu:
+            # A rank's arithmetic alone: one thread, a rank's share of the batch, no collectives.
+            for name, extra in cases[:2]:
+                n = max(counts)
+                b = 100 // n
+                args = ["--seeds", "0-4", "--epochs", str(a.epochs), "--batch-size", str(b)] + extra
+                r = run(Path(tmp) / f"{name}-alone", 1, args, False, threads=1)
+                records.append({"case": f"{name} (one rank's compute, no comm)", "processes": 1, "threads": r.threads,
+                                "backend": "none", "batch_size": b, "per_device_batch": b,
+                                "step_ms": 1e3 * r.train_seconds / (60_000 // b),
+                                "member_samples_per_s": r.samples_per_s, "device_name": r.device_name})
+    df = pd.DataFrame(records)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(a.out, index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(df.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
+    print(f"\nwritten: {a.out}")
+
+
+if __name__ == "__main__":
+    main()
