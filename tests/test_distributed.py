@@ -255,3 +255,13 @@ def test_process_group_setup_times_out(tmp_path):
     assert "bnbench [rank 0]: error: process-group set-up failed after at most 3 s" in proc.stderr
     assert "rank 0 of 2" in proc.stderr and "Traceback" not in proc.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_a_batch_the_processes_cannot_split_is_refused_before_training(tmp_path):
+    out = tmp_path / "run"
+    cmd = [str(REPO / "launch.sh"), "--nproc", "2", "--cpu", "--main_process_port", str(free_port()),
+           "--batch-size", "99", "--epochs", "1", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "bnbench [rank 0]: error: global batch 99 does not split over 2 processes" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "results.jsonl").exists() or (out / "results.jsonl").read_text() == ""
