@@ -127,3 +127,21 @@ def test_same_config_same_numbers(accelerator, mnist_cpu):
         for s in (0, 1):
             sa, sb = a.member_state(v, s), b.member_state(v, s)
             assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_compile_changes_nothing_but_rounding(mnist_cpu, accelerator):
+    """--compile: the warm-up compiles on a throw-away batch and restores every parameter and
+    buffer; the compiled steps then follow eager torch to float64 rounding."""
+    splits = subset(mnist_cpu["float64"], 1000, 500)
+    kw = dict(seeds=(0, 1), dtype="float64", variants=("bn",), optimizer="sgd", lr=0.05, momentum=0.9)
+    eager = Trainer(make_config(**kw), splits, accelerator)
+    compiled = Trainer(make_config(compile=True, **kw), splits, accelerator)
+    before = compiled.member_state("bn", 1)
+    assert compiled.warm_up() > 0 and eager.warm_up() == 0.0
+    after = compiled.member_state("bn", 1)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats included
+    eager.train_epoch(1)
+    compiled.train_epoch(1)
+    for s in (0, 1):
+        a, b = eager.member_state("bn", s), compiled.member_state("bn", s)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-12

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                    help="multi-process runs: limit for process-group set-up and any one collective (default 600)")
     r.add_argument("--cpu", action="store_true", default=None, help="train on the CPU even when a GPU is visible")
+    r.add_argument("--compile", action="store_true", default=None, help="torch.compile each unit's step (compile time reported apart)")
+    r.add_argument("--tf32", action="store_true", default=None, help="allow TF32 matmuls on the GPU (default off, for comparability)")
     r.add_argument("--eval-batch", type=_positive_int, help="samples per evaluation chunk (memory only; default 10000)")
     r.add_argument("--data-root", help="folder with the four IDX files (default: $BNBENCH_DATA_ROOT, the cache, a download)")
     r.add_argument("--out", help="results folder (default runs/<UTC time>)")
@@ -128,6 +130,8 @@ def cmd_run(a) -> int:
         dtype=a.dtype,
         sync_bn=a.sync_bn,
         cpu=a.cpu,
+        compile=a.compile,
+        tf32=a.tf32,
         eval_batch=a.eval_batch,
     )
     out = Path(a.out or f"runs/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")

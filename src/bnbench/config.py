@@ -77,6 +77,8 @@ class Config:
     dtype: str = "float32"
     sync_bn: bool = False  # BN statistics over the global batch, across processes
     cpu: bool = False  # force the CPU even when a GPU is visible
+    compile: bool = False  # torch.compile each unit's forward+loss (changes rounding, not the maths)
+    tf32: bool = False  # TF32 matmuls on Ampere+ GPUs: faster, ~1e-3 relative error; off for comparability
     eval_batch: int = 10_000  # samples per evaluation chunk (memory only, not the result)
 
     def __post_init__(self):

@@ -239,7 +239,8 @@ def load(
 
     def x(u8: torch.Tensor) -> torch.Tensor:
         # ToTensor divides uint8 by 255 in float32; do the same, then widen if asked.
-        return (u8.reshape(u8.shape[0], -1).to(torch.float32) / 255).to(dtype).to(device)
+        # Moved as uint8 (4x less to copy), converted on the device: one float copy, held there.
+        return (u8.reshape(u8.shape[0], -1).to(device).to(torch.float32) / 255).to(dtype)
 
     return Splits(
         x(t["train_x"]),

@@ -108,7 +108,9 @@ def sync_batch_norm(
     shift = running_mean.detach().clone()
     d = x - shift
     count = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
-    stats = funcol.wait_tensor(funcol.all_reduce(torch.cat([d.sum(0), (d * d).sum(0), count]), "sum", dist.group.WORLD))
+    stats = torch.cat([d.sum(0), (d * d).sum(0), count])
+    if dist.get_world_size() > 1:  # a group of one (torchrun --nproc_per_node 1) has nobody to ask
+        stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", dist.group.WORLD))
     n = stats[2 * c]
     m1 = stats[:c] / n
     var = (stats[c : 2 * c] / n - m1 * m1).clamp_min(0)
@@ -130,7 +132,7 @@ class CrossProcessBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or active_world() == 1:
+        if not self.training or not dist.is_initialized():
             return super().forward(x)
         self.num_batches_tracked.add_(1)
         return sync_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.momentum, self.eps)

@@ -17,8 +17,11 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -58,16 +61,28 @@ def make_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Opti
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, **kw)
 
 
+def stacked_losses(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """[K] mean cross-entropy per member: xb [S=K, b, 784], yb [K, b]."""
+    logits = model(xb)
+    k, b, c = logits.shape
+    return F.cross_entropy(logits.reshape(k * b, c), yb.reshape(-1), reduction="none").view(k, b).mean(1)
+
+
+def reference_losses(seed_row: int, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """[1]: exactly the lab's step on this member's batch."""
+    return F.cross_entropy(model(xb[seed_row]), yb[seed_row]).unsqueeze(0)
+
+
 @dataclass
 class Unit:
     """What one optimizer steps: a StackedMLP of one variant, or one member's Sequential."""
 
     variant: str
     members: slice  # positions in Trainer.members (contiguous by construction)
-    seeds: slice | int  # rows of the [S, B] batch it trains on
     model: nn.Module  # what training calls: DDP-wrapped when world size > 1
     optimizer: torch.optim.Optimizer
     net: nn.Module  # the bare module: evaluation, state, buffers
+    losses: Callable  # (model, xb, yb) -> [members] losses; torch.compile'd with --compile
 
 
 class Trainer:
@@ -87,7 +102,8 @@ class Trainer:
         bn_batch = self.batch if cfg.sync_bn else self.local_batch
         if "bn" in cfg.variants and bn_batch < 2:
             raise ConfigError(f"BatchNorm needs at least 2 samples per batch; it would see {bn_batch}")
-        self.sync_bn = cfg.sync_bn and world_size > 1
+        # Any process group (even of one process, as in bench/) runs the cross-process path.
+        self.sync_bn = cfg.sync_bn and (world_size > 1 or dist.is_initialized())
         self.backend = backend_name()
         seeds = list(cfg.seeds)
         inits = {s: [(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)] for s in seeds}
@@ -97,18 +113,18 @@ class Trainer:
             base = vi * len(seeds)
             if cfg.engine == "stacked":
                 net = StackedMLP([inits[s] for s in seeds], bn=(v == "bn"), activation=cfg.activation, sync_bn=self.sync_bn)
-                self._add(v, slice(base, base + len(seeds)), slice(None), net, fused=True)
+                self._add(v, slice(base, base + len(seeds)), net, stacked_losses, fused=True)
             else:
                 for j, s in enumerate(seeds):
                     net = reference_mlp(inits[s], bn=(v == "bn"), activation=cfg.activation)
                     if self.sync_bn and v == "bn":
                         net = convert_sync_bn(net, self.backend)
-                    self._add(v, slice(base + j, base + j + 1), j, net, fused=False)
+                    self._add(v, slice(base + j, base + j + 1), net, partial(reference_losses, j), fused=False)
         self.steps_done = 0
         self.diverged = torch.zeros(len(self.members), dtype=torch.bool)
         self.diverged_epoch: list[int | None] = [None] * len(self.members)
 
-    def _add(self, variant: str, members: slice, seeds, net: nn.Module, fused: bool) -> None:
+    def _add(self, variant: str, members: slice, net: nn.Module, losses: Callable, fused: bool) -> None:
         net = net.to(self.device)  # fused optimizers want their parameters placed first
         opt = make_optimizer(self.cfg, net.parameters(), fused=fused)
         with warnings.catch_warnings():
@@ -116,7 +132,27 @@ class Trainer:
             # in favour of forward_sync_buffers; both skip the per-step buffer broadcast we avoid.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
             model, opt = self.accelerator.prepare(net, opt)  # DDP when world size > 1
-        self.units.append(Unit(variant, members, seeds, model, opt, self.accelerator.unwrap_model(model)))
+        if self.cfg.compile:
+            losses = torch.compile(losses)
+        self.units.append(Unit(variant, members, model, opt, self.accelerator.unwrap_model(model), losses))
+
+    def warm_up(self) -> float:
+        """With --compile: compile every unit's forward and backward on the first batch, then
+        restore every parameter and buffer, so that training is unchanged. Returns the seconds
+        spent (reported apart from training). Without --compile: 0.0, nothing done."""
+        if not self.cfg.compile:
+            return 0.0
+        self._sync()
+        t0 = time.perf_counter()
+        xb, yb = self.gather(self.epoch_order(1), 0)
+        for u in self.units:
+            saved = {k: v.detach().clone() for k, v in u.net.state_dict().items()}
+            u.model.train()
+            self.accelerator.backward(u.losses(u.model, xb, yb).sum())
+            u.optimizer.zero_grad(set_to_none=True)
+            u.net.load_state_dict(saved)
+        self._sync()
+        return time.perf_counter() - t0
 
     # -- training -----------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -132,6 +168,25 @@ class Trainer:
         start = t * self.batch + self.rank * self.local_batch
         return order[:, start : start + self.local_batch]
 
+    def gather(self, order: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step t's inputs [S, b, 784] and labels [S, b] for every seed: one gather each."""
+        idx = self.local_indices(order, t).reshape(-1)
+        s = len(self.cfg.seeds)
+        # index_select is ~3x faster than x[idx] on the CPU.
+        xb = self.splits.train_x.index_select(0, idx).view(s, self.local_batch, -1)
+        yb = self.splits.train_y.index_select(0, idx).view(s, self.local_batch)
+        return xb, yb
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        """One optimizer step of every member; adds each member's batch loss to loss_sum (on the device)."""
+        for u in self.units:
+            u.optimizer.zero_grad(set_to_none=True)
+            losses = u.losses(u.model, xb, yb)
+            # Summing member losses keeps each member's gradient its own.
+            self.accelerator.backward(losses.sum())
+            u.optimizer.step()
+            loss_sum[u.members] += losses.detach()
+
     def train_epoch(self, epoch: int, on_step=None) -> tuple[torch.Tensor, float]:
         """One epoch for every member. Returns (mean mini-batch loss per member, seconds).
 
@@ -139,8 +194,7 @@ class Trainer:
         global batch of B = W*b samples, so ranks see disjoint slices that together
         are exactly the one-process batch.
         """
-        cfg, x, y = self.cfg, self.splits.train_x, self.splits.train_y
-        b, steps = self.local_batch, self.steps_per_epoch()
+        steps = self.steps_per_epoch()
         # Accumulated on the device: no host synchronisation inside the step loop.
         loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=self.device)
         for u in self.units:
@@ -149,26 +203,7 @@ class Trainer:
         t0 = time.perf_counter()
         order = self.epoch_order(epoch)  # shuffling is part of an epoch's cost, as in a DataLoader
         for t in range(steps):
-            idx = self.local_indices(order, t).reshape(-1)
-            # Every member's batch in one gather; index_select is ~3x faster than x[idx] on the CPU.
-            xb = x.index_select(0, idx).view(len(self.cfg.seeds), b, -1)  # [S, B, 784]
-            yb = y.index_select(0, idx).view(len(self.cfg.seeds), b)  # [S, B]
-            for u in self.units:
-                u.optimizer.zero_grad(set_to_none=True)
-                if isinstance(u.seeds, int):  # reference: exactly the lab's step
-                    loss = F.cross_entropy(u.model(xb[u.seeds]), yb[u.seeds])
-                    losses = loss.unsqueeze(0)
-                else:
-                    logits = u.model(xb)
-                    k = logits.shape[0]
-                    losses = F.cross_entropy(
-                        logits.reshape(k * b, -1), yb.reshape(-1), reduction="none"
-                    ).view(k, b).mean(1)
-                    # Summing member losses keeps each member's gradient its own.
-                    loss = losses.sum()
-                self.accelerator.backward(loss)
-                u.optimizer.step()
-                loss_sum[u.members] += losses.detach()
+            self.step(*self.gather(order, t), loss_sum)
             if on_step is not None:
                 on_step(t + 1)
         # Equal slices: the mean of the ranks' slice losses is the global-batch loss.
@@ -283,11 +318,22 @@ def static_fields(cfg: Config, run_id: str, trainer: Trainer, device: str, dev_n
         "world_size": trainer.world_size,
         "backend": trainer.backend,
         "sync_bn": cfg.sync_bn,
+        "compile": cfg.compile,
+        "tf32": cfg.tf32,
         "members": len(trainer.members),
         "bnbench_version": __version__,
         "torch_version": torch.__version__,
         "git_commit": git,
     }
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process and peak GPU memory allocated by torch, in MiB."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_rss_mb": round(rss, 1), "peak_gpu_mb": None if gpu is None else round(gpu, 1)}
 
 
 def epoch_rows(trainer: Trainer, static: dict, epoch: int, running, seconds: float, train, test) -> list[dict]:
@@ -296,6 +342,7 @@ def epoch_rows(trainer: Trainer, static: dict, epoch: int, running, seconds: flo
 
     (train_loss, train_correct, train_total), (test_loss, test_correct, test_total) = train, test
     throughput = len(trainer.members) * trainer.steps_per_epoch() * trainer.batch / seconds
+    memory = peak_memory(trainer.device)
     now = utcnow()
     rows = []
     for i, (variant, seed) in enumerate(trainer.members):
@@ -318,6 +365,7 @@ def epoch_rows(trainer: Trainer, static: dict, epoch: int, running, seconds: flo
                 "train_loss_running": float(running[i]) if ok else None,
                 "train_seconds": seconds,
                 "samples_per_s": throughput,
+                **memory,
                 "diverged": not ok,
                 "time": now,
             }
@@ -376,6 +424,8 @@ def training_function(
     try:
         accelerator = accelerator or make_accelerator(cfg.cpu, dist_timeout)
         world_size = check_world(accelerator)
+        # TF32 is opt-in: results stay comparable across GPUs and with the CPU.
+        torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
         # One process per machine fills the data cache (or downloads) while the others wait.
         with accelerator.local_main_process_first():
             if splits is None:
@@ -397,6 +447,9 @@ def training_function(
                 **env,
             })
         static = static_fields(cfg, run_id, trainer, dev, dev_name, env["git_commit"])
+        compile_seconds = trainer.warm_up()
+        if main and cfg.compile:
+            update_meta(out_dir, run_id, {"compile_seconds": compile_seconds})
         show = main and not quiet
         if show:
             where = f"{world_size} processes ({trainer.backend}), " if world_size > 1 else ""

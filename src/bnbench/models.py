@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import active_world, sync_batch_norm
+from .distributed import sync_batch_norm
 
 ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -93,7 +93,7 @@ class StackedMLP(nn.Module):
         if self.training:
             getattr(self, f"num_batches_tracked{i}").add_(1)
         flat = h.transpose(0, 1).reshape(b, k * c)
-        if self.training and self.sync_bn and active_world() > 1:
+        if self.training and self.sync_bn:
             out = sync_batch_norm(
                 flat, getattr(self, f"running_mean{i}"), getattr(self, f"running_var{i}"),
                 self.bn_weight[i], self.bn_bias[i], BN_MOMENTUM, BN_EPS,
