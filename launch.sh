@@ -53,6 +53,10 @@ main_job() {
     local nproc="" cpu=0 machines=1 out="" args=() acc=()
     while [ $# -gt 0 ]; do
         case "$1" in
+            -h | --help)
+                sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+                echo; echo "RUN OPTIONS (bnbench run --help):"
+                exec "$VENV/bin/bnbench" run --help ;;
             --nproc) [ $# -ge 2 ] || die "--nproc needs a number"; nproc=$2; shift 2 ;;
             --nproc=*) nproc=${1#*=}; shift ;;
             --cpu) cpu=1; shift ;;

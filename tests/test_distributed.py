@@ -265,3 +265,11 @@ def test_a_batch_the_processes_cannot_split_is_refused_before_training(tmp_path)
     assert proc.returncode != 0
     assert "bnbench [rank 0]: error: global batch 99 does not split over 2 processes" in proc.stderr, proc.stderr[-2000:]
     assert not (out / "results.jsonl").exists() or (out / "results.jsonl").read_text() == ""
+
+
+def test_launch_sh_help_and_bad_nproc(tmp_path):
+    proc = subprocess.run([str(REPO / "launch.sh"), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--nproc N" in proc.stdout and "--per-device-batch" in proc.stdout
+    for bad in (["--nproc", "0"], ["--nproc", "two"], ["--num_machines", "x"], ["--nproc"]):
+        proc = subprocess.run([str(REPO / "launch.sh"), *bad], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "launch.sh: error:" in proc.stderr, (bad, proc.stderr)
