@@ -9,7 +9,8 @@ global batch of 100) launched as users launch it; the figure is the results rows
 own samples_per_s of the last epoch (evaluation excluded). One extra case runs one
 process on one thread with a rank's share of the batch and no communication: the
 difference between it and a rank of the N-process run is what DDP's collectives cost.
-Writes reports/ddp/scaling.csv and prints an aligned table.
+Each case is launched --repeats times (default 3) and the median reported with its
+range. Writes reports/ddp/scaling.csv and prints an aligned table.
 """
 from __future__ import annotations
 
@@ -34,7 +35,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out: Path, nproc: int, args: list[str], gpu: bool, threads: int | None = None) -> pd.Series:
+def run(out: Path, nproc: int, args: list[str], gpu: bool, threads: int | None = None, repeats: int = 1) -> pd.Series:
+    """The median launch of `repeats` (by member-samples/s), with the spread as min/max."""
+    runs = sorted((run_once(out / str(i), nproc, args, gpu, threads) for i in range(repeats)), key=lambda r: r.samples_per_s)
+    mid = runs[len(runs) // 2].copy()
+    mid["min_per_s"], mid["max_per_s"] = runs[0].samples_per_s, runs[-1].samples_per_s
+    return mid
+
+
+def run_once(out: Path, nproc: int, args: list[str], gpu: bool, threads: int | None = None) -> pd.Series:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -44,7 +53,7 @@ def run(out: Path, nproc: int, args: list[str], gpu: bool, threads: int | None =
         if not gpu:
             env["ACCELERATE_USE_CPU"] = "true"
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "bnbench", "run"]
     cmd += args + ([] if gpu else ["--cpu"]) + ["--quiet", "--out", str(out)]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -59,6 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nproc", default="1,2", help="process counts, e.g. 1,2,4")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="launches per case; the median is reported (VM noise is large)")
     p.add_argument("--gpu", action="store_true", help="GPUs and NCCL instead of CPU processes and gloo")
     p.add_argument("--out", default=str(REPO / "reports" / "ddp" / "scaling.csv"))
     a = p.parse_args()
@@ -69,22 +79,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
             for name, extra in cases:
-                r = run(Path(tmp) / f"{name}-{n}", n, base + extra, a.gpu)
+                r = run(Path(tmp) / f"{name}-{n}", n, base + extra, a.gpu, repeats=a.repeats)
                 records.append({"case": name, "processes": n, "threads": r.threads,
                                 "backend": r.backend, "batch_size": r.batch_size, "per_device_batch": r.per_device_batch,
                                 "step_ms": 1e3 * r.train_seconds / (60_000 // r.batch_size),
-                                "member_samples_per_s": r.samples_per_s, "device_name": r.device_name})
+                                "member_samples_per_s": r.samples_per_s, "min": r.min_per_s, "max": r.max_per_s,
+                                "device_name": r.device_name})
         if not a.gpu:
             # A rank's arithmetic alone: one thread, a rank's share of the batch, no collectives.
             for name, extra in cases[:2]:
                 n = max(counts)
                 b = 100 // n
                 args = ["--seeds", "0-4", "--epochs", str(a.epochs), "--batch-size", str(b)] + extra
-                r = run(Path(tmp) / f"{name}-alone", 1, args, False, threads=1)
+                r = run(Path(tmp) / f"{name}-alone", 1, args, False, threads=1, repeats=a.repeats)
                 records.append({"case": f"{name} (one rank's compute, no comm)", "processes": 1, "threads": r.threads,
                                 "backend": "none", "batch_size": b, "per_device_batch": b,
                                 "step_ms": 1e3 * r.train_seconds / (60_000 // b),
-                                "member_samples_per_s": r.samples_per_s, "device_name": r.device_name})
+                                "member_samples_per_s": r.samples_per_s, "min": r.min_per_s, "max": r.max_per_s,
+                                "device_name": r.device_name})
     df = pd.DataFrame(records)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(a.out, index=False)

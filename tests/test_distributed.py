@@ -56,7 +56,7 @@ def ddp(tmp_path_factory):
     (tmp / "cases.json").write_text(json.dumps(CASES))
     cmd = [
         str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO / "tests" / "ddp_worker.py"), str(tmp / "cases.json"), str(tmp),
     ]
     proc = subprocess.run(cmd, env=env_for(tmp, ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=600)

@@ -94,21 +94,23 @@ def sync_batch_norm(
 ) -> torch.Tensor:
     """Training-mode BN of x [b, C] with the statistics of every process's x together.
 
-    One differentiable all-reduce of (sum, sum of squares, count) per call; its
-    backward all-reduces the gradients, so with DDP's gradient averaging every
-    parameter gets the gradient of the global-batch loss. Works on gloo and NCCL,
-    CPU and GPU (torch.nn.SyncBatchNorm needs a GPU). The sums are taken about
-    the running mean, identical on every rank, so that E[d^2] - E[d]^2 does not
-    cancel catastrophically in float32 once the running mean tracks the batch mean.
-    Updates the running statistics like F.batch_norm (unbiased variance).
+    Each rank takes its slice's mean and (biased) variance with one torch.var_mean,
+    then ONE differentiable all-reduce of (n, n*(m - s), n*(v + (m - s)^2)) combines
+    them (Chan's parallel variance, about the running mean s, identical on every rank:
+    no catastrophic cancellation once s tracks the mean). Its backward all-reduces the
+    gradients, so with DDP's gradient averaging every parameter gets the gradient of
+    the global-batch loss. Works on gloo and NCCL, CPU and GPU (torch.nn.SyncBatchNorm
+    needs a GPU). Updates the running statistics like F.batch_norm (unbiased variance).
     """
     import torch.distributed._functional_collectives as funcol  # differentiable all_reduce
 
     c = x.shape[1]
     shift = running_mean.detach().clone()
-    d = x - shift
-    count = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
-    stats = torch.cat([d.sum(0), (d * d).sum(0), count])
+    v, m = torch.var_mean(x, dim=0, correction=0)
+    n_local = x.shape[0]
+    dm = m - shift
+    count = torch.full((1,), n_local, dtype=x.dtype, device=x.device)
+    stats = torch.cat([n_local * dm, n_local * (v + dm * dm), count])
     if dist.get_world_size() > 1:  # a group of one (torchrun --nproc_per_node 1) has nobody to ask
         stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", dist.group.WORLD))
     n = stats[2 * c]
@@ -118,10 +120,11 @@ def sync_batch_norm(
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
         running_var.mul_(1 - momentum).add_(var.detach() * (n / (n - 1)), alpha=momentum)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        out = out * weight + bias
-    return out
+        scale = scale * weight
+        return torch.addcmul(bias, x - mean, scale)  # [C]-sized work first, two passes over x
+    return (x - mean) * scale
 
 
 class CrossProcessBatchNorm1d(nn.BatchNorm1d):
