@@ -28,15 +28,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from accelerate import Accelerator
+
+from bnbench import data
+from bnbench.config import make_config
+from bnbench.data import Splits
+from bnbench.engine import Trainer
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from accelerate import Accelerator  # noqa: E402
-
-from bnbench import data  # noqa: E402
-from bnbench.config import make_config  # noqa: E402
-from bnbench.data import Splits  # noqa: E402
-from bnbench.engine import Trainer  # noqa: E402
 
 
 def sync(device):

@@ -22,12 +22,12 @@ from .config import (
     PRESETS,
     VARIANTS,
     ConfigError,
-    make_config,
-    parse_int_list,
-    parse_list,
     LaunchError,
     launched_rank,
     launched_world,
+    make_config,
+    parse_int_list,
+    parse_list,
     parse_seeds,
 )
 

@@ -103,7 +103,7 @@ class Trainer:
         if "bn" in cfg.variants and bn_batch < 2:
             raise ConfigError(f"BatchNorm needs at least 2 samples per batch; it would see {bn_batch}")
         # Any process group (even of one process, as in bench/) runs the cross-process path.
-        self.sync_bn = cfg.sync_bn and (world_size > 1 or dist.is_initialized())
+        self.sync_bn = cfg.sync_bn and dist.is_initialized()
         self.backend = backend_name()
         seeds = list(cfg.seeds)
         inits = {s: [(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)] for s in seeds}
@@ -208,6 +208,9 @@ class Trainer:
                 on_step(t + 1)
         # Equal slices: the mean of the ranks' slice losses is the global-batch loss.
         all_reduce_sum(loss_sum)
+        if not self.sync_bn:
+            # Each rank's BN running statistics followed its own slice: from here on, all hold rank 0's.
+            broadcast_buffers([u.net for u in self.units])
         self._sync()
         seconds = time.perf_counter() - t0
         self.steps_done += steps
@@ -226,9 +229,6 @@ class Trainer:
         m = len(self.members)
         loss_sum = torch.zeros(m, dtype=torch.float64, device=self.device)
         correct = torch.zeros(m, dtype=torch.int64, device=self.device)
-        if not self.sync_bn:
-            # Without sync BN each rank's running statistics are its own: evaluate rank 0's.
-            broadcast_buffers([u.net for u in self.units])
         for u in self.units:
             u.net.eval()
         mine = shard(x.shape[0], self.rank, self.world_size)

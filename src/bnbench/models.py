@@ -128,48 +128,37 @@ class StackedMLP(nn.Module):
             x = h
         return x
 
-    @torch.no_grad()
-    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
-        """Member k's state under the keys of reference_mlp(...).state_dict()."""
-        out: dict[str, torch.Tensor] = {}
-        idx = 0
-        last = len(self.weights) - 1
+    def _member_views(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's tensors under the keys of reference_mlp(...).state_dict(), as views into
+        the stacked ones (one place for the layout, read by both directions below)."""
+        views: dict[str, torch.Tensor] = {}
+        idx, last = 0, len(self.weights) - 1
         for i in range(len(self.weights)):
-            out[f"{idx}.weight"] = self.weights[i][k].t().clone()
-            out[f"{idx}.bias"] = self.biases[i][k, 0].clone()
+            views[f"{idx}.weight"] = self.weights[i][k].t()
+            views[f"{idx}.bias"] = self.biases[i][k, 0]
             idx += 1
             if i < last:
                 if self.bn:
-                    c = self.widths[i]
-                    sl = slice(k * c, (k + 1) * c)
-                    out[f"{idx}.weight"] = self.bn_weight[i][sl].clone()
-                    out[f"{idx}.bias"] = self.bn_bias[i][sl].clone()
-                    out[f"{idx}.running_mean"] = getattr(self, f"running_mean{i}")[sl].clone()
-                    out[f"{idx}.running_var"] = getattr(self, f"running_var{i}")[sl].clone()
-                    out[f"{idx}.num_batches_tracked"] = getattr(self, f"num_batches_tracked{i}").clone()
+                    sl = slice(k * self.widths[i], (k + 1) * self.widths[i])
+                    views[f"{idx}.weight"] = self.bn_weight[i][sl]
+                    views[f"{idx}.bias"] = self.bn_bias[i][sl]
+                    views[f"{idx}.running_mean"] = getattr(self, f"running_mean{i}")[sl]
+                    views[f"{idx}.running_var"] = getattr(self, f"running_var{i}")[sl]
+                    views[f"{idx}.num_batches_tracked"] = getattr(self, f"num_batches_tracked{i}")  # shared by all k
                     idx += 1
                 idx += 1  # the activation
-        return out
+        return views
+
+    @torch.no_grad()
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's state under the keys of reference_mlp(...).state_dict()."""
+        return {key: v.clone() for key, v in self._member_views(k).items()}
 
     @torch.no_grad()
     def load_member_state_dict(self, k: int, state: dict[str, torch.Tensor]) -> None:
         """Set member k from a reference_mlp-style state dict (the inverse of member_state_dict)."""
-        mine = self.member_state_dict(k)
-        if set(mine) != set(state):
-            raise KeyError(f"state keys {sorted(state)} do not match {sorted(mine)}")
-        idx, last = 0, len(self.weights) - 1
-        for i in range(len(self.weights)):
-            self.weights[i][k].copy_(state[f"{idx}.weight"].t())
-            self.biases[i][k, 0].copy_(state[f"{idx}.bias"])
-            idx += 1
-            if i < last:
-                if self.bn:
-                    c = self.widths[i]
-                    sl = slice(k * c, (k + 1) * c)
-                    self.bn_weight[i][sl].copy_(state[f"{idx}.weight"])
-                    self.bn_bias[i][sl].copy_(state[f"{idx}.bias"])
-                    getattr(self, f"running_mean{i}")[sl].copy_(state[f"{idx}.running_mean"])
-                    getattr(self, f"running_var{i}")[sl].copy_(state[f"{idx}.running_var"])
-                    getattr(self, f"num_batches_tracked{i}").copy_(state[f"{idx}.num_batches_tracked"])
-                    idx += 1
-                idx += 1
+        views = self._member_views(k)
+        if set(views) != set(state):
+            raise KeyError(f"state keys {sorted(state)} do not match {sorted(views)}")
+        for key, v in views.items():
+            v.copy_(state[key])
