@@ -41,3 +41,55 @@ def test_train_step(benchmark, request, mnist, accelerator, engine, k, variant):
     loss_sum = torch.zeros(len(trainer.members), dtype=torch.float64)
     benchmark.pedantic(trainer.step, args=(xb, yb, loss_sum), rounds=30, iterations=5, warmup_rounds=3)
     benchmark.extra_info["member_samples_per_s"] = k * trainer.batch / benchmark.stats.stats.median
+
+
+def _default_step(mnist, accelerator, **cfg):
+    trainer = Trainer(make_config(**cfg), mnist, accelerator)
+    xb, yb = trainer.gather(trainer.epoch_order(1), 0)
+    loss_sum = torch.zeros(len(trainer.members), dtype=torch.float64)
+    return trainer, (xb, yb, loss_sum)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_default_step_threads(benchmark, mnist, accelerator, threads):
+    """The default run's step (5 seeds x bn,nobn) on 1 and 2 torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        trainer, args = _default_step(mnist, accelerator)
+        benchmark.pedantic(trainer.step, args=args, rounds=30, iterations=5, warmup_rounds=3)
+    finally:
+        torch.set_num_threads(before)
+    benchmark.extra_info["member_samples_per_s"] = len(trainer.members) * trainer.batch / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("k", [5, 32])
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_step_compile(benchmark, mnist, accelerator, k, mode):
+    """--compile against eager on one variant's stacked step; the compile time is extra_info."""
+    trainer, args = _default_step(mnist, accelerator, seeds=tuple(range(k)), variants=("bn",), compile=mode == "compile")
+    benchmark.extra_info["compile_s"] = trainer.warm_up()
+    benchmark.pedantic(trainer.step, args=args, rounds=30, iterations=5, warmup_rounds=3)
+    benchmark.extra_info["member_samples_per_s"] = k * trainer.batch / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_step(benchmark, mnist, accelerator, fused):
+    """Adam over one stacked unit (5 members): the fused kernel against the for-each one."""
+    from bnbench.engine import make_optimizer
+
+    trainer, _ = _default_step(mnist, accelerator, variants=("bn",))
+    params = list(trainer.units[0].net.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = make_optimizer(trainer.cfg, params, fused=fused)
+    benchmark.pedantic(opt.step, rounds=30, iterations=10, warmup_rounds=3)
+
+
+@pytest.mark.parametrize("how", ["index_select", "indexing"])
+def test_gather(benchmark, mnist, how):
+    """Every member's batch (5 seeds x 100 rows of 784) out of the resident training set."""
+    idx = torch.randperm(mnist.train_x.shape[0])[:500]
+    x = mnist.train_x
+    fn = (lambda: x.index_select(0, idx)) if how == "index_select" else (lambda: x[idx])
+    benchmark.pedantic(fn, rounds=30, iterations=20, warmup_rounds=3)

@@ -112,6 +112,7 @@ def test_ddp_matches_one_process(ddp, one_process, name):
     for member, state in ref["states"].items():
         diff = max_diff(mine["states"][member], state)
         synced = member.startswith("nobn") or CASES[name].get("sync_bn")
+        print(f"{name} {member}: max |DDP - one process| = {diff:.2e}")  # shown with pytest -s
         if synced:
             assert diff <= TOL, f"{name} {member}: max |DDP - one process| = {diff:.3e} > {TOL}"
         else:
