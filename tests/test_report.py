@@ -74,10 +74,11 @@ def test_partial_files_reported_not_dropped(tmp_path):
     build_report(tmp_path)
     md = (tmp_path / "report" / "report.md").read_text()
     assert "torn last line" in md and "nobn/seed 2 diverged" in md
-    # A new writer ends the torn line first: its rows stay parseable; the bad line is still reported.
+    # A new writer alone in the folder repairs the tail: the torn bytes go to torn.log, its rows parse.
     _write(tmp_path, [rows[0]])
     df2, problems2 = read_results(tmp_path)
-    assert len(df2) == len(df) + 1 and len(problems2) == 1 and "unparsable line" in problems2[0]
+    assert len(df2) == len(df) + 1 and problems2 == []
+    assert f"results.jsonl:{n_lines}".encode() in (tmp_path / "torn.log").read_bytes()
 
 
 def test_report_on_empty_or_missing_results(tmp_path):

@@ -155,7 +155,7 @@ def test_config_validation_direct():
 def test_help_lists_every_command():
     p = _cli("--help")
     assert p.returncode == 0
-    for cmd in ("run", "report", "data", "list"):
+    for cmd in ("run", "sweep", "status", "export", "report", "data", "list"):
         assert cmd in p.stdout
     p = _cli("run", "--help")
     assert p.returncode == 0 and "--seeds" in p.stdout and "--data-root" in p.stdout
@@ -185,5 +185,6 @@ def test_readme_documents_every_column_and_command():
     readme = (REPO / "README.md").read_text()
     for col in SCHEMA:
         assert f"`{col}`" in readme, f"README lacks the results column {col}"
-    for cmd in ("bnbench run", "bnbench report", "bnbench data", "bnbench list", "./launch.sh test"):
+    for cmd in ("bnbench run", "bnbench sweep", "bnbench status", "bnbench export", "bnbench report", "bnbench data",
+                "bnbench list", "./launch.sh test", "./launch.sh sweep"):
         assert cmd in readme, cmd

@@ -1,12 +1,16 @@
-"""Command line: `bnbench run | report | data | list`.
+"""Command line: `bnbench run | sweep | status | export | report | data | list`.
 
     bnbench run --out runs/lab                 # the lab, 5 seeds, 15 epochs, MNIST
     bnbench run --seeds 0-9 --epochs 5 --out runs/ten
+    bnbench sweep my.toml                      # a grid of units; rerun to resume (--example: a sample file)
+    bnbench status runs/my                     # done / running / failed / left
+    bnbench export runs/my --format parquet    # one flat table for pandas
     bnbench report runs/lab                    # -> runs/lab/report/report.html
 """
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -18,11 +22,14 @@ from .config import (
     DEFAULT_PRESET,
     DTYPES,
     ENGINES,
+    SWEEP_CHILD_ENV,
     OPTIMIZERS,
     PRESETS,
     VARIANTS,
     ConfigError,
+    FolderBusy,
     LaunchError,
+    die_with_parent,
     launched_rank,
     launched_world,
     make_config,
@@ -50,6 +57,12 @@ def _positive_float(text: str) -> float:
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    if not str(text).isdigit():
+        raise ConfigError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
 
 
 def _wrap(parse):
@@ -91,10 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile each unit's step (compile time reported apart)")
     r.add_argument("--tf32", action="store_true", default=None, help="allow TF32 matmuls on the GPU (default off, for comparability)")
     r.add_argument("--eval-batch", type=_positive_int, help="samples per evaluation chunk (memory only; default 10000)")
+    r.add_argument("--repeat", type=_wrap(_non_negative_int), help="index of a repeated launch of the same config (recorded; default 0)")
     r.add_argument("--data-root", help="folder with the four IDX files (default: $BNBENCH_DATA_ROOT, the cache, a download)")
     r.add_argument("--out", help="results folder (default runs/<UTC time>)")
     r.add_argument("--report", action="store_true", help="build the report when the run completes")
     r.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch table")
+
+    sw = sub.add_parser("sweep", help="run a grid of units (SWEEP.toml) into one folder; rerun to resume",
+                        description="Run every unit of SWEEP.toml not yet done in its results folder. "
+                        "Exit status 0: every unit done; 1: a unit failed or every member of one diverged.")
+    sw.add_argument("file", nargs="?", metavar="SWEEP.toml", help="the sweep file (bnbench sweep --example prints a sample)")
+    sw.add_argument("--example", action="store_true", help="print the annotated sample sweep file and exit")
+    sw.add_argument("--out", help="results folder (default: the file's [sweep] out, else runs/<file name>)")
+    sw.add_argument("--data-root", help="folder with the IDX files (default: [sweep] data_root, $BNBENCH_DATA_ROOT, ...)")
+    sw.add_argument("--dry-run", action="store_true", help="list the units and what is done; run and write nothing")
+    sw.add_argument("--quiet", action="store_true", help="no progress; failures and the summary only")
+
+    st = sub.add_parser("status", help="what a sweep folder holds: units done, running, failed, left")
+    st.add_argument("dir", help="results folder")
+
+    ex = sub.add_parser("export", help="results.jsonl as one flat CSV or Parquet table")
+    ex.add_argument("dir", help="results folder")
+    ex.add_argument("--format", choices=("csv", "parquet"), default="csv", help="default csv")
+    ex.add_argument("--out", help="file to write (default DIR/results.csv or DIR/results.parquet)")
 
     rep = sub.add_parser("report", help="figures, tables and the BN - no-BN verdict from DIR/results.jsonl")
     rep.add_argument("dir", help="results folder")
@@ -133,15 +165,43 @@ def cmd_run(a) -> int:
         compile=a.compile,
         tf32=a.tf32,
         eval_batch=a.eval_batch,
+        repeat=a.repeat,
     )
     out = Path(a.out or f"runs/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-    run_id = training_function(cfg, out, data_root=a.data_root, quiet=a.quiet, dist_timeout=a.dist_timeout)
+    child = bool(os.environ.get(SWEEP_CHILD_ENV))
+    if child:
+        die_with_parent(signal.SIGTERM)  # a sweep killed with -9 takes its units down with it
+    run_id = training_function(cfg, out, data_root=a.data_root, quiet=a.quiet, dist_timeout=a.dist_timeout, hold_lock=not child)
     if launched_rank() != 0:
         return 0  # rank 0 wrote the results and reports them
     print(f"results: {out / 'results.jsonl'} (run {run_id})")
     if a.report:
         return cmd_report(argparse.Namespace(dir=str(out)))
     print(f"report:  bnbench report {out}")
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    from . import sweep
+
+    if a.example:
+        print(sweep.example(), end="")
+        return 0
+    if not a.file:
+        raise ConfigError("give a sweep file (bnbench sweep SWEEP.toml), or --example for a sample")
+    return sweep.run_sweep(a.file, out=a.out, quiet=a.quiet, data_root=a.data_root, dry_run=a.dry_run)
+
+
+def cmd_status(a) -> int:
+    from . import sweep
+
+    return sweep.status(a.dir)
+
+
+def cmd_export(a) -> int:
+    from . import sweep
+
+    print(f"exported: {sweep.export(a.dir, a.format, a.out)}")
     return 0
 
 
@@ -191,19 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     who = f"bnbench [rank {launched_rank()}]" if launched_world() > 1 else "bnbench"
     try:
-        return {"run": cmd_run, "report": cmd_report, "data": cmd_data, "list": cmd_list}[args.command](args)
+        commands = {"run": cmd_run, "sweep": cmd_sweep, "status": cmd_status, "export": cmd_export,
+                    "report": cmd_report, "data": cmd_data, "list": cmd_list}
+        return commands[args.command](args)
     except ConfigError as e:
         print(f"{who}: error: {e}", file=sys.stderr)
         return 2
-    except LaunchError as e:
+    except (LaunchError, FolderBusy) as e:
         print(f"{who}: error: {e}", file=sys.stderr)
         return 1
-    except Terminated:
-        print(f"{who}: terminated (SIGTERM); completed epochs are in results.jsonl", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"{who}: interrupted; completed epochs are in results.jsonl", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        kept = "completed units are kept; rerun the sweep to resume" if args.command == "sweep" else "completed epochs are in results.jsonl"
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{who}: {how}; {kept}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ here, so that a results row plus its config reproduces the numbers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 VARIANTS = ("bn", "nobn")  # BatchNorm1d after each hidden Linear / the plain MLP
@@ -16,6 +19,10 @@ ENGINES = ("stacked", "reference")
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
 OPTIMIZERS = ("adam", "sgd")
 DTYPES = ("float32", "float64")
+
+# Part of every unit's identity: bump it when a change to bnbench alters any number a
+# run records (not for refactors), so that sweeps rerun what the change affects.
+TRAINING_CODE_VERSION = 1
 
 # Presets are plain dicts of Config fields; the CLI overrides any of them.
 PRESETS: dict[str, dict] = {
@@ -44,6 +51,10 @@ class LaunchError(RuntimeError):
     """The processes of a launch could not form or keep their group."""
 
 
+class FolderBusy(RuntimeError):
+    """A results folder is held by another sweep."""
+
+
 def launched_rank() -> int:
     """This process's rank as the launcher (torchrun, accelerate launch, mpirun) set it; 0 alone."""
     for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
@@ -57,6 +68,25 @@ def launched_world() -> int:
         if var in os.environ:
             return int(os.environ[var])
     return 1
+
+
+SWEEP_CHILD_ENV = "BNBENCH_SWEEP_CHILD"  # set by a sweep in the processes of its units
+
+
+def die_with_parent(signum: int, expected_parent: int | None = None) -> None:
+    """Linux: have the kernel send `signum` to this process when its parent dies, even by SIGKILL.
+
+    A sweep killed with -9 must not leave its units' processes running and writing.
+    A no-op elsewhere. expected_parent: exit at once if the parent is already gone.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid() if expected_parent is None else expected_parent
+    ctypes.CDLL(None, use_errno=True).prctl(1, signum)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the prctl took hold
+        os.kill(os.getpid(), signum)
 
 
 @dataclass(frozen=True)
@@ -80,8 +110,17 @@ class Config:
     compile: bool = False  # torch.compile each unit's forward+loss (changes rounding, not the maths)
     tf32: bool = False  # TF32 matmuls on Ampere+ GPUs: faster, ~1e-3 relative error; off for comparability
     eval_batch: int = 10_000  # samples per evaluation chunk (memory only, not the result)
+    repeat: int = 0  # index of a repeated launch of this config: identity only (throughput spread)
 
     def __post_init__(self):
+        # One spelling per value, so that equal configs hash equal (lr 1 is lr 1.0; lists are tuples).
+        for name in ("hidden", "seeds", "variants"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("lr", "momentum"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
         validate(self)
 
     def to_dict(self) -> dict:
@@ -90,6 +129,18 @@ class Config:
         d["seeds"] = list(self.seeds)
         d["variants"] = list(self.variants)
         return d
+
+    def unit_id(self, world_size: int, device_kind: str, torch_version: str) -> str:
+        """The identity of one launch of this config: equal ids give equal results.
+
+        Everything that changes a number is in it; the preset's name is not (its
+        values are), nor is `cpu` (the device kind is). Stable across processes and
+        machines: sweeps use it to skip what is done.
+        """
+        fields = {k: v for k, v in self.to_dict().items() if k not in ("preset", "cpu")}
+        ident = {"config": fields, "world_size": world_size, "device": device_kind,
+                 "torch": torch_version, "training_code": TRAINING_CODE_VERSION}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def global_batch(self, world_size: int) -> int:
         """Samples per member per step over all processes; an error if they cannot split evenly."""
@@ -133,6 +184,8 @@ def validate(cfg: Config) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(cfg.repeat, bool) or not isinstance(cfg.repeat, int) or cfg.repeat < 0:
+        raise ConfigError(f"repeat must be a non-negative integer, got {cfg.repeat!r}")
     if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0 and cfg.lr < float("inf")):
         raise ConfigError(f"lr must be a positive finite number, got {cfg.lr!r}")
     if not (0.0 <= cfg.momentum < 1.0):

@@ -301,6 +301,8 @@ def static_fields(cfg: Config, run_id: str, trainer: Trainer, device: str, dev_n
 
     return {
         "run_id": run_id,
+        "unit": cfg.unit_id(trainer.world_size, trainer.device.type, torch.__version__),
+        "repeat": cfg.repeat,
         "preset": cfg.preset,
         "dataset": cfg.dataset,
         "batch_size": trainer.batch,
@@ -406,12 +408,16 @@ def training_function(
     splits: Splits | None = None,
     trainer_hook=None,
     dist_timeout: float = 600.0,
+    hold_lock: bool = True,
+    on_epoch=None,
 ) -> str:
     """Run cfg, append every epoch's rows to out_dir/results.jsonl, return the run id.
 
     Runs unchanged in one process or under `accelerate launch` / torchrun; only
     rank 0 writes. Its output folder is opened first: a folder that cannot be
-    written fails before any data is read or any step is taken.
+    written, or that a sweep holds, fails before any data is read or any step is taken.
+    hold_lock=False: the caller (a sweep) holds the folder. on_epoch(epoch, rows): after
+    each epoch's rows are on disk.
     """
     from tqdm.auto import tqdm
 
@@ -419,7 +425,7 @@ def training_function(
     from .results import ResultsWriter, environment, update_meta, utcnow
 
     main = launched_rank() == 0
-    writer = ResultsWriter(out_dir) if main else None
+    writer = ResultsWriter(out_dir, hold_lock=hold_lock) if main else None
     run_id = None
     try:
         accelerator = accelerator or make_accelerator(cfg.cpu, dist_timeout)
@@ -436,9 +442,10 @@ def training_function(
         run_id = new_run_id()
         env = environment()
         dev, dev_name = str(accelerator.device), device_name(accelerator.device)
+        static = static_fields(cfg, run_id, trainer, dev, dev_name, env["git_commit"])
         if main:
             update_meta(out_dir, run_id, {
-                "config": cfg.to_dict(), "status": "running", "started": utcnow(),
+                "config": cfg.to_dict(), "unit": static["unit"], "status": "running", "started": utcnow(),
                 "device": dev, "device_name": dev_name, "world_size": world_size, "backend": trainer.backend,
                 "processes_per_machine": int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
                 "batch_size": trainer.batch, "per_device_batch": trainer.local_batch,
@@ -446,7 +453,6 @@ def training_function(
                 "train_samples": int(splits.train_x.shape[0]), "test_samples": int(splits.test_x.shape[0]),
                 **env,
             })
-        static = static_fields(cfg, run_id, trainer, dev, dev_name, env["git_commit"])
         compile_seconds = trainer.warm_up()
         if main and cfg.compile:
             update_meta(out_dir, run_id, {"compile_seconds": compile_seconds})
@@ -474,6 +480,8 @@ def training_function(
             rows = epoch_rows(trainer, static, epoch, running, seconds, train, test)
             if main:
                 writer.append(rows)  # durable before the next epoch starts
+            if on_epoch is not None:
+                on_epoch(epoch, rows)
             if show:
                 for line in table_lines(rows, header=epoch == 1):
                     bar.write(line)  # above the bar, which stays at the bottom

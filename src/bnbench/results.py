@@ -2,12 +2,16 @@
 
 DIR/results.jsonl  rows (pandas: pd.read_json(path, lines=True, precise_float=True))
 DIR/meta.json      {"runs": {run_id: {config, versions, devices, host, git, ...}}}
+DIR/.lock          flock: a sweep holds it exclusively, plain runs share it
 Each epoch's rows go out in ONE os.write on an O_APPEND descriptor followed by
 fsync, so a crash loses at most the epoch in flight and never interleaves lines.
+Rows are only ever moved, never deleted: a torn last line goes to DIR/torn.log,
+rows of an abandoned attempt to DIR/superseded/<run_id>.jsonl.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import math
 import os
@@ -19,14 +23,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError
+from .config import ConfigError, FolderBusy
 
 RESULTS_FILE = "results.jsonl"
 META_FILE = "meta.json"
+LOCK_FILE = ".lock"
+TORN_LOG = "torn.log"
+SUPERSEDED_DIR = "superseded"
 
 # The row schema: column -> meaning. The README's table is this dict.
 SCHEMA: dict[str, str] = {
     "run_id": "one invocation of `bnbench run`; keys meta.json",
+    "unit": "hash of everything that changes the numbers (config, world size, device kind, torch, training code); sweeps skip units already done",
+    "repeat": "index of a repeated launch of the same config (0 unless a sweep sets repeats)",
     "preset": "preset the config started from",
     "dataset": "mnist / fashion-mnist",
     "variant": "bn (BatchNorm1d after each hidden Linear) / nobn",
@@ -83,40 +92,88 @@ def _clean(value):
     return value
 
 
-class ResultsWriter:
-    """Append-only, fsync'd results file. Opening it proves the folder is writable."""
+def append_lines(fd: int, rows: list[dict]) -> None:
+    """Whole lines in ONE write, then fsync: a crash leaves at most a torn last line."""
+    data = "".join(json.dumps({k: _clean(v) for k, v in r.items()}, allow_nan=False) + "\n" for r in rows)
+    os.write(fd, data.encode())
+    os.fsync(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FolderLock:
+    """DIR/.lock, an flock: a sweep holds it exclusively for its whole life, plain runs share it.
+
+    The kernel releases it when its holder dies, even by SIGKILL, so it never goes stale.
+    (flock is per machine: on NFS, give each machine its own folder.)
+    """
 
     def __init__(self, out_dir: str | os.PathLike):
         self.dir = Path(out_dir)
+        self.path = self.dir / LOCK_FILE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def _try(self, mode: int, wait_s: float) -> bool:
+        import time
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                # Brief holders (another run's repair, `bnbench status` probing) let go within ms.
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+
+    def holder(self) -> str:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.path = self.dir / RESULTS_FILE
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            probe = self.dir / f".write-probe-{os.getpid()}"
-            probe.write_bytes(b"")  # meta.json needs create+rename in the folder too
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"output folder {self.dir} cannot be written: {e.strerror or e}") from None
-        self._repair_tail()
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info:
+            return "another bnbench process"
+        return f"bnbench {info.get('command', 'sweep')} (pid {info.get('pid')} on {info.get('host')}, since {info.get('since')})"
 
-    def _repair_tail(self) -> None:
-        # A crash mid-write can leave a last line without its newline; end it so that
-        # our first row starts on a fresh line. The torn line stays, and the reader reports it.
-        size = os.fstat(self.fd).st_size
-        if size:
-            with open(self.path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    os.write(self.fd, b"\n")
+    def _busy(self) -> FolderBusy:
+        return FolderBusy(
+            f"results folder {self.dir} is in use by {self.holder()}: two writers of one folder would run "
+            f"the same units twice. Wait for it (bnbench status {self.dir}), stop it, or use another folder."
+        )
 
-    def append(self, rows: list[dict]) -> None:
-        data = "".join(json.dumps({k: _clean(v) for k, v in r.items()}, allow_nan=False) + "\n" for r in rows)
-        os.write(self.fd, data.encode())
-        os.fsync(self.fd)
+    def exclusive(self, command: str = "sweep", wait_s: float = 2.0) -> None:
+        if not self._try(fcntl.LOCK_EX, wait_s):
+            raise self._busy()
+        info = {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "since": utcnow()}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+
+    def shared(self, wait_s: float = 5.0) -> None:
+        if not self._try(fcntl.LOCK_SH, wait_s):
+            raise self._busy()
+        # A shared holder never writes the info: the file names the last exclusive holder.
+
+    def try_upgrade(self) -> bool:
+        """Shared -> exclusive if no one else holds the folder (then downgrade with shared())."""
+        return self._try(fcntl.LOCK_EX, 0.0)
+
+    def is_held(self) -> bool:
+        """Whether someone holds it exclusively (a sweep is running)."""
+        if self._try(fcntl.LOCK_SH, 0.0):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            return False
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            os.close(self.fd)  # releases the flock
             self.fd = -1
 
     def __enter__(self):
@@ -126,18 +183,153 @@ class ResultsWriter:
         self.close()
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def repair_tail(out_dir: str | os.PathLike) -> str | None:
+    """End a torn last line of results.jsonl. Call with the folder held exclusively.
+
+    A last line without its newline that is a whole JSON row only lacks the newline;
+    anything else is a torn write: its bytes go to DIR/torn.log (with its line number),
+    the file is cut back to its last whole line, and a message says so.
+    """
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.exists():
+        return None
+    raw = path.read_bytes()
+    if not raw or raw.endswith(b"\n"):
+        return None
+    cut = raw.rfind(b"\n") + 1
+    tail, line_no = raw[cut:], raw.count(b"\n") + 1
+    with open(path, "r+b") as f:
+        try:
+            if isinstance(json.loads(tail), dict):
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+                return None
+        except ValueError:
+            pass
+        with open(Path(out_dir) / TORN_LOG, "ab") as log:
+            log.write(f"# {utcnow()} {RESULTS_FILE}:{line_no}, {len(tail)} bytes\n".encode() + tail + b"\n")
+            log.flush()
+            os.fsync(log.fileno())
+        f.truncate(cut)
+        os.fsync(f.fileno())
+    return f"{path}:{line_no}: torn last line (interrupted write) of {len(tail)} bytes moved to {Path(out_dir) / TORN_LOG}"
+
+
+def move_rows_aside(out_dir: str | os.PathLike, select) -> dict[str, int]:
+    """Move the rows `select(row)` picks out of results.jsonl into DIR/superseded/<run_id>.jsonl.
+
+    For the rows of an attempt that did not finish, before its unit runs again: nothing
+    is deleted and nothing is counted twice. Unparsable lines stay where they are (the
+    reader keeps reporting them). Call with the folder held exclusively. Crash-safe: each
+    superseded file is rewritten whole (so a repeat adds nothing), then results.jsonl is
+    replaced atomically. Returns rows moved per run_id.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / RESULTS_FILE
+    if not path.exists():
+        return {}
+    keep, moved = [], {}
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and select(row):
+            moved.setdefault(str(row.get("run_id")), []).append(line)
+        else:
+            keep.append(line)
+    if not moved:
+        return {}
+    aside = out_dir / SUPERSEDED_DIR
+    aside.mkdir(exist_ok=True)
+    for run_id, lines in moved.items():
+        target = aside / f"{run_id}.jsonl"
+        old = target.read_bytes().splitlines(keepends=True) if target.exists() else []
+        _write_atomic(target, b"".join(dict.fromkeys(old + lines)))
+    _write_atomic(path, b"".join(keep))
+    return {run_id: len(lines) for run_id, lines in moved.items()}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    with open(tmp, "rb") as f:
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class ResultsWriter:
+    """Append-only, fsync'd results file. Opening it proves the folder is writable.
+
+    hold_lock: share DIR/.lock for the run (refused while a sweep holds the folder). A
+    sweep's own units pass False: the sweep holds it for them.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, hold_lock: bool = True):
+        self.dir = Path(out_dir)
+        self.lock = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.path = self.dir / RESULTS_FILE
+            probe = self.dir / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")  # meta.json needs create+rename in the folder too
+            probe.unlink()
+            if hold_lock:
+                self.lock = FolderLock(self.dir)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"output folder {self.dir} cannot be written: {e.strerror or e}") from None
+        if self.lock is not None:
+            try:
+                self.lock.shared()
+            except FolderBusy:
+                self.close()
+                raise
+            if self.lock.try_upgrade():  # alone in the folder: a torn tail can be repaired properly
+                message = repair_tail(self.dir)
+                if message:
+                    print(f"bnbench: warning: {message}", file=sys.stderr)
+                self.lock.shared()
+        self._end_torn_line()
+
+    def _end_torn_line(self) -> None:
+        # Another writer shares the folder, so the torn line cannot be moved: end it, so that
+        # our first row starts on a fresh line. It stays in place, and the reader reports it.
+        size = os.fstat(self.fd).st_size
+        if size:
+            with open(self.path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    os.write(self.fd, b"\n")
+
+    def append(self, rows: list[dict]) -> None:
+        append_lines(self.fd, rows)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    _write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def update_meta(out_dir: str | os.PathLike, run_id: str, meta: dict) -> None:
     """Merge one run's metadata into DIR/meta.json (atomic replace; other runs kept)."""
-    import fcntl
-
     path = Path(out_dir) / META_FILE
     # Two runs appending to one folder must not lose each other's entries: read-modify-write under a lock.
     with open(Path(out_dir) / ".meta.lock", "a") as lock:
@@ -221,15 +413,8 @@ class ResultsProblem(Exception):
     pass
 
 
-def read_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
-    """All rows of DIR/results.jsonl and a list of problems (bad lines by number).
-
-    A line that does not parse is never dropped in silence: it is reported with its
-    line number, and a torn last line (crash mid-write) is called that.
-    """
-    path = Path(out_dir) / RESULTS_FILE
-    if not path.exists():
-        raise ResultsProblem(f"no {RESULTS_FILE} in {out_dir}")
+def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a JSON-lines file and its problems: bad lines by number, never dropped in silence."""
     rows, problems = [], []
     raw = path.read_bytes()
     lines = raw.split(b"\n")
@@ -246,4 +431,17 @@ def read_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
             last = i == len(lines) and torn_tail
             what = "torn last line (interrupted write)" if last else f"unparsable line ({e})"
             problems.append(f"{path}:{i}: {what}: {line[:80]!r}")
+    return rows, problems
+
+
+def read_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+    """All rows of DIR/results.jsonl and a list of problems (bad lines by number).
+
+    A line that does not parse is never dropped in silence: it is reported with its
+    line number, and a torn last line (crash mid-write) is called that.
+    """
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.exists():
+        raise ResultsProblem(f"no {RESULTS_FILE} in {out_dir}")
+    rows, problems = read_jsonl(path)
     return pd.DataFrame(rows), problems

@@ -1,0 +1,467 @@
+"""Sweeps: the file, unit identity, resumption without duplicates, SIGKILL, torn files, locking."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bnbench import cli
+from bnbench.config import Config, ConfigError, FolderBusy, make_config
+from bnbench.results import FolderLock, ResultsWriter, move_rows_aside, read_results, repair_tail
+from bnbench.sweep import example, load_sweep, plan, run_argv, run_sweep
+
+from conftest import REPO, mnist_root
+
+# Columns that differ between two runs of the same unit: who ran it, when, how fast.
+VOLATILE = {"run_id", "time", "train_seconds", "samples_per_s", "peak_rss_mb", "peak_gpu_mb"}
+
+
+def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def sweep_cli(*args, tmp: Path, timeout=600, **popen):
+    env = dict(os.environ, BNBENCH_DATA_ROOT=str(mnist_root()), BNBENCH_CACHE=str(tmp / "cache"))
+    cmd = [sys.executable, "-m", "bnbench", *map(str, args)]
+    if popen:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, **popen)
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def stable(rows: pd.DataFrame) -> list[dict]:
+    """Rows without the columns that name the attempt or time it, in file order."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows.to_dict("records")]
+
+
+# -- the sweep file ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ("[fixed]\nepochz = 3\n", "fixed: unknown key 'epochz'; did you mean 'epochs'?"),
+        ("[grid]\nlr = [1e-3]\nbatchsize = [100]\n", "grid: unknown key 'batchsize'; did you mean 'batch_size'?"),
+        ("[sweep]\nseed_per_unit = 2\n", "sweep: unknown key 'seed_per_unit'; did you mean 'seeds_per_unit'?"),
+        ("[grids]\nlr = [1]\n", "unknown key 'grids'; did you mean 'grid'?"),
+        ("[grid]\noptim = [{ optimizer = 'sgd', momentun = 0.9 }]\n", "grid.optim[0]: unknown key 'momentun'; did you mean 'momentum'?"),
+        ("[fixed]\nepochs = '3'\n", "fixed.epochs: expected an integer, got '3' (str)"),
+        ("[fixed]\nepochs = 3.5\n", "fixed.epochs: expected an integer, got 3.5 (float)"),
+        ("[grid]\nlr = [1e-3, '0.1']\n", "grid.lr[1]: expected a number, got '0.1' (str)"),
+        ("[grid]\nsync_bn = [0, 1]\n", "grid.sync_bn[0]: expected true or false, got 0 (int)"),
+        ("[grid]\nhidden = [32]\n", "grid.hidden[0]: expected a list of integers, got 32 (int)"),
+        ("[grid]\nlr = 0.1\n", "grid.lr: expected a list of values to try, got 0.1"),
+        ("[grid]\nlr = []\n", "grid.lr is an empty list: give at least one value"),
+        ("[grid]\nseeds = [[0], [1]]\n", "grid.seeds: seeds belong in [fixed]"),
+        ("[grid]\nlr = [0.1]\noptim = [{ optimizer = 'sgd', lr = 0.2 }]\n", "grid.optim and grid.lr both set lr"),
+        ("[grid]\ndevice = ['gpu']\n", "grid.device[0]: unknown device 'gpu'; valid: auto, cpu, cuda"),
+        ("[grid]\nnproc = [0]\n", "grid.nproc[0]: nproc must be at least 1"),
+        ("[sweep]\nrepeats = 0\n", "sweep.repeats: expected a positive integer, got 0"),
+        ("[fixed]\nseeds = '3-1'\n", "fixed.seeds: malformed --seeds '3-1'"),
+        ("[fixed\nepochs = 3\n", "not valid TOML"),
+        ("grid = 3\n", "grid must be a table"),
+    ],
+)
+def test_bad_sweep_file_names_the_key(tmp_path, text, expect):
+    with pytest.raises(ConfigError) as e:
+        load_sweep(write(tmp_path, text))
+    assert expect in str(e.value)
+
+
+def test_bad_sweep_file_on_the_command_line(tmp_path):
+    p = sweep_cli("sweep", write(tmp_path, "[grid]\nlr = []\n"), tmp=tmp_path)
+    assert p.returncode == 2 and "bnbench: error: grid.lr is an empty list" in p.stderr and "Traceback" not in p.stderr
+    p = sweep_cli("sweep", tmp_path / "missing.toml", tmp=tmp_path)
+    assert p.returncode == 2 and "cannot read sweep file" in p.stderr
+
+
+def test_example_prints_and_plans(tmp_path):
+    p = sweep_cli("sweep", "--example", tmp=tmp_path)
+    assert p.returncode == 0 and p.stdout == example()
+    path = write(tmp_path, p.stdout, "example.toml")
+    units = plan(load_sweep(path), cuda_available=False)
+    # batch_size x optim = 4 units of 5 seeds x {bn, nobn}, each valid.
+    assert len(units) == 4 and all(u.error is None and len(u.config.seeds) == 5 for u in units)
+    assert {(u.config.batch_size, u.config.optimizer, u.config.lr, u.config.momentum) for u in units} == {
+        (100, "adam", 1e-3, 0.0), (500, "adam", 1e-3, 0.0), (100, "sgd", 0.1, 0.9), (500, "sgd", 0.1, 0.9)}
+    p = sweep_cli("sweep", path, "--dry-run", "--out", tmp_path / "o", tmp=tmp_path)
+    assert p.returncode == 0 and "4 units (dry run" in p.stdout and not (tmp_path / "o").exists()
+    # The README's sweep file is valid, and plans the same units as the example.
+    readme = (REPO / "README.md").read_text()
+    snippet = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    same = plan(load_sweep(write(tmp_path, snippet, "readme.toml")), cuda_available=False)
+    assert [u.id for u in same] == [u.id for u in units]
+
+
+def test_plan_chunks_seeds_repeats_and_flags_invalid(tmp_path):
+    path = write(tmp_path, """
+[sweep]
+seeds_per_unit = 2
+repeats = 2
+[fixed]
+seeds = "0-4"
+[grid]
+nproc = [1, 3]
+device = ["cpu", "cuda"]
+""")
+    units = plan(load_sweep(path), cuda_available=False)
+    assert len(units) == 2 * 2 * 3 * 2
+    ok = [u for u in units if u.error is None]
+    assert len(ok) == 6 and all(u.nproc == 1 and u.device == "cpu" for u in ok)
+    assert [u.config.seeds for u in ok[::2]] == [(0, 1), (2, 3), (4,)] and [u.config.repeat for u in ok[:2]] == [0, 1]
+    reasons = {u.error for u in units if u.error}
+    assert reasons == {"global batch 100 does not split over 3 processes; use a multiple of 3, or --per-device-batch",
+                       "device cuda: no CUDA device is visible on this machine"}
+    assert len({u.id for u in units}) == len(units)  # every unit, valid or not, has its own id
+    assert [u.id for u in plan(load_sweep(path), cuda_available=False)] == [u.id for u in units]
+
+
+# -- unit identity ---------------------------------------------------------------------------
+def test_unit_id_covers_what_changes_results():
+    base = make_config()
+    uid = base.unit_id(1, "cpu", "2.14.1")
+    # Pinned: a change here reruns every unit of every user's sweeps. Change it on purpose only.
+    assert uid == "a4f8b3eefd2eb4ff"
+    # One spelling per value: lr 1 is lr 1.0; --cpu is the device kind, which is already in the id.
+    assert make_config(lr=1).unit_id(1, "cpu", "2.14.1") == make_config(lr=1.0).unit_id(1, "cpu", "2.14.1")
+    assert make_config(cpu=True).unit_id(1, "cpu", "2.14.1") == uid
+    changed = [make_config(lr=2e-3), make_config(seeds=(0, 1)), make_config(epochs=3), make_config(sync_bn=True),
+               make_config(dtype="float64"), make_config(hidden=(64,)), make_config(per_device_batch=100),
+               make_config(repeat=1), make_config(engine="reference"), make_config(dataset="fashion-mnist")]
+    ids = {c.unit_id(1, "cpu", "2.14.1") for c in changed} | {base.unit_id(2, "cpu", "2.14.1"),
+                                                               base.unit_id(1, "cuda", "2.14.1"), base.unit_id(1, "cpu", "2.15.0")}
+    assert uid not in ids and len(ids) == len(changed) + 3
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, dict(optimizer="sgd", lr=0.1, momentum=0.9, per_device_batch=50, sync_bn=True, repeat=2),
+    dict(hidden=(100, 100, 100), activation="sigmoid", seeds=(3, 7), variants=("nobn",), engine="reference",
+         dtype="float64", cpu=True, compile=True, tf32=True, eval_batch=1000, lr=1 / 3, dataset="fashion-mnist"),
+])
+def test_run_argv_rebuilds_the_config(overrides):
+    cfg = make_config(**overrides)
+    args = cli.build_parser().parse_args(["run", *run_argv(cfg)])
+    again = make_config(args.preset, **{k: getattr(args, k) for k in (
+        "dataset", "epochs", "batch_size", "per_device_batch", "lr", "hidden", "activation", "optimizer", "momentum",
+        "seeds", "variants", "engine", "dtype", "sync_bn", "cpu", "compile", "tf32", "eval_batch", "repeat")})
+    assert again == cfg
+
+
+# -- results files: repair and moving rows aside -----------------------------------------------
+def test_torn_tail_repaired_and_rows_moved_not_lost(tmp_path):
+    with ResultsWriter(tmp_path) as w:
+        w.append([{"run_id": "a", "unit": "u1", "i": i} for i in range(3)] + [{"run_id": "b", "unit": "u2", "i": 3}])
+    path = tmp_path / "results.jsonl"
+    with open(path, "ab") as f:
+        f.write(b'{"run_id": "a", "unit": "u1", "i": 9')  # torn by a crash mid-write
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines.insert(2, b"\x00garbage\n")  # a corrupt line in the middle
+    path.write_bytes(b"".join(lines))
+    _, problems = read_results(tmp_path)
+    assert [p.split(": ")[1] for p in problems] == ["unparsable line (Expecting value", "torn last line (interrupted write)"]
+    assert "results.jsonl:3:" in problems[0] and "results.jsonl:6:" in problems[1]
+    message = repair_tail(tmp_path)
+    assert "results.jsonl:6: torn last line" in message and "torn.log" in message
+    assert b'"i": 9' in (tmp_path / "torn.log").read_bytes() and path.read_bytes().endswith(b"\n")
+    # A whole row that only lacks its newline is kept, not moved.
+    with open(path, "ab") as f:
+        f.write(b'{"run_id": "c", "unit": "u3", "i": 5}')
+    assert repair_tail(tmp_path) is None and read_results(tmp_path)[0]["i"].tolist() == [0, 1, 2, 3, 5]
+    moved = move_rows_aside(tmp_path, lambda r: r["unit"] == "u1")
+    assert moved == {"a": 3}
+    df, problems = read_results(tmp_path)
+    assert df["i"].tolist() == [3, 5] and len(problems) == 1 and "results.jsonl:1: unparsable" in problems[0]
+    aside = (tmp_path / "superseded" / "a.jsonl").read_text().splitlines()
+    assert [json.loads(x)["i"] for x in aside] == [0, 1, 2]
+    assert move_rows_aside(tmp_path, lambda r: r["unit"] == "u1") == {}  # idempotent
+
+
+def test_a_lone_writer_repairs_a_torn_tail(tmp_path):
+    with ResultsWriter(tmp_path) as w:
+        w.append([{"i": 0}])
+    with open(tmp_path / "results.jsonl", "ab") as f:
+        f.write(b'{"i": 1, "x"')
+    with ResultsWriter(tmp_path) as w:
+        w.append([{"i": 2}])
+    df, problems = read_results(tmp_path)
+    assert problems == [] and df["i"].tolist() == [0, 2]
+    assert b'{"i": 1, "x"' in (tmp_path / "torn.log").read_bytes()
+
+
+def test_folder_lock_exclusive_and_shared(tmp_path):
+    with FolderLock(tmp_path) as sweep:
+        sweep.exclusive("sweep")
+        with FolderLock(tmp_path) as other:
+            with pytest.raises(FolderBusy, match=r"in use by bnbench sweep \(pid \d+ on .*, since"):
+                other.exclusive("sweep", wait_s=0.1)
+            with pytest.raises(FolderBusy):
+                other.shared(wait_s=0.1)
+            assert other.is_held()
+        with pytest.raises(FolderBusy, match="in use by bnbench sweep"):
+            ResultsWriter(tmp_path)  # a plain run into a sweep's folder
+        ResultsWriter(tmp_path, hold_lock=False).close()  # the sweep's own units
+    with ResultsWriter(tmp_path) as a, ResultsWriter(tmp_path) as b:  # plain runs share a folder
+        a.append([{"i": 0}])
+        b.append([{"i": 1}])
+        with FolderLock(tmp_path) as sweep:
+            with pytest.raises(FolderBusy):
+                sweep.exclusive("sweep", wait_s=0.1)
+
+
+# -- sweeps end to end -------------------------------------------------------------------------
+SMALL = """
+[sweep]
+seeds_per_unit = 1
+[fixed]
+epochs = 1
+seeds = [0, 1]
+batch_size = 500            # 120 steps an epoch; 3 processes cannot split it
+[grid]
+lr = [1e-3, 1e-2]
+nproc = [1, 3]
+"""
+
+
+def events(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "units.jsonl").read_text().splitlines()]
+
+
+def test_sweep_records_failures_resumes_and_runs_only_new_units(tmp_path, capsys):
+    from bnbench.sweep import export, status
+
+    path = write(tmp_path, SMALL)
+    out = tmp_path / "out"
+    assert run_sweep(path, out=out, data_root=mnist_root()) == 1  # exit status: something failed
+    planned = json.loads((out / "plan.json").read_text())["units"]
+    valid = [u["id"] for u in planned if not u["error"]]
+    assert len(planned) == 8 and len(valid) == 4
+    rows, problems = read_results(out)
+    assert problems == [] and len(rows) == 4 * 2 and sorted(set(rows["unit"])) == sorted(valid)
+    assert {(r["lr"], r["seed"]) for r in rows.to_dict("records")} == {(lr, s) for lr in (1e-3, 1e-2) for s in (0, 1)}
+    first = events(out)
+    assert sorted(e["event"] for e in first) == ["done"] * 4 + ["failed"] * 4 + ["start"] * 4
+    assert {e["reason"] for e in first if e["event"] == "failed"} == {
+        "global batch 500 does not split over 3 processes; use a multiple of 3, or --per-device-batch"}
+    summary = capsys.readouterr().out
+    assert "4 of 8 units done (4 now), 4 failed" in summary and "failed: unit 3 lr=0.001 nproc=3 seeds=0" in summary
+    assert status(out) == 0
+    text = capsys.readouterr().out
+    assert "8 units; 4 done, 4 failed, 0 left" in text and "does not split over 3 processes" in text
+
+    # Rerun: nothing done runs again, no row is added, the failures are reported again.
+    before = (out / "results.jsonl").read_bytes()
+    assert run_sweep(path, out=out, data_root=mnist_root(), quiet=True) == 1
+    assert (out / "results.jsonl").read_bytes() == before
+    assert [e["event"] for e in events(out)[len(first):]] == ["failed"] * 4
+
+    # One grid value changed: only its units run; the old ones stay in the results.
+    write(tmp_path, SMALL.replace("lr = [1e-3, 1e-2]", "lr = [1e-3, 3e-3]").replace("nproc = [1, 3]", "nproc = [1]"))
+    assert run_sweep(path, out=out, data_root=mnist_root(), quiet=True) == 0
+    rows, problems = read_results(out)
+    assert problems == [] and len(rows) == 6 * 2 and (out / "results.jsonl").read_bytes().startswith(before)
+    started = [e for e in events(out) if e["event"] == "start"]
+    assert len(started) == 4 + 2 and {e["label"] for e in started[4:]} == {"lr=0.003 seeds=0", "lr=0.003 seeds=1"}
+    assert not rows.duplicated(["unit", "variant", "seed", "epoch"]).any()
+
+    # Export: one flat table, every value as in results.jsonl.
+    for fmt in ("csv", "parquet"):
+        dest = export(out, fmt)
+        back = pd.read_csv(dest) if fmt == "csv" else pd.read_parquet(dest)
+        assert dest.name == f"results.{fmt}" and list(back.columns) == list(rows.columns)
+        for col in ("test_acc", "test_loss", "train_loss", "lr", "unit", "seed", "diverged"):
+            assert back[col].tolist() == rows[col].tolist(), (fmt, col)
+
+
+def test_failed_and_diverged_units_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    from bnbench.sweep import status
+
+    path = write(tmp_path, """
+[fixed]
+epochs = 1
+seeds = [0]
+variants = ["nobn"]
+[grid]
+case = [
+    { nproc = 2, batch_size = 70000 },                    # fails inside the launched ranks
+    { optimizer = "sgd", lr = 1e12, batch_size = 6000 },  # every member diverges
+    { optimizer = "adam", momentum = 0.9 },               # invalid: momentum is for SGD
+    { batch_size = 6000 },                                # fine
+]
+""")
+    out = tmp_path / "out"
+    assert run_sweep(path, out=out, data_root=mnist_root()) == 1
+    text = capsys.readouterr().out
+    assert "2 of 4 units done (2 now), 2 failed, 1 with every member diverged" in text
+    assert ("failed: unit 1 case=nproc=2,batch_size=70000: exit status 1: bnbench [rank 0]: error: "
+            "global batch 70000 exceeds the 60000 training samples (log: ") in text
+    assert "failed: unit 3 case=optimizer=adam,momentum=0.9: momentum applies to --optimizer sgd only" in text
+    assert "diverged: unit 2 case=optimizer=sgd,lr=1e+12,batch_size=6000: every member's loss became NaN/inf (rows kept)" in text
+    rows, _ = read_results(out)
+    assert len(rows) == 2 and rows.loc[rows["lr"] == 1e12, "diverged"].all() and not rows.loc[rows["lr"] == 1e-3, "diverged"].any()
+    assert status(out) == 0
+    assert "4 units; 1 done, 2 failed, 0 left, 1 diverged" in capsys.readouterr().out
+    first = len(events(out))
+    assert run_sweep(path, out=out, data_root=mnist_root(), quiet=True) == 1  # divergence is a result: not rerun
+    assert {e["index"] for e in events(out)[first:]} == {1, 3}
+
+
+def test_progress_bars_on_a_terminal_plain_lines_in_logs(tmp_path, monkeypatch, capsys):
+    import io
+
+    from bnbench.sweep import Progress
+
+    units = plan(load_sweep(write(tmp_path, SMALL)), cuda_available=False)
+    ok, bad = units[0], units[2]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for tty, quiet in ((True, False), (False, False), (False, True)):
+        err = Tty() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        p = Progress(2, quiet)
+        p.start(ok)
+        p.epoch(1)
+        p.end("done", "1.0 s")
+        p.start(bad)
+        p.end("failed", bad.error)
+        p.close()
+        text = err.getvalue()
+        if tty:
+            assert p.mode == "bars" and "sweep: 100%" in text and "2/2" in text
+        elif quiet:
+            assert p.mode == "quiet" and "started" not in text and "epoch" not in text
+            assert "[2/2] unit 3 lr=0.001 nproc=3 seeds=0: failed: global batch 500" in text
+        else:
+            assert p.mode == "lines" and "[1/2] unit 1 lr=0.001 nproc=1 seeds=0: epoch 1/1" in text
+            assert "[1/2] unit 1 lr=0.001 nproc=1 seeds=0: done: 1.0 s" in text
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_second_sweep_refused_and_a_killed_sweep_takes_its_ranks_down(tmp_path):
+    # Sweep A runs a 2-process unit under accelerate launch. While it holds the folder, a second
+    # sweep and a plain run into it are refused. Then A is killed with SIGKILL mid-unit: its
+    # launcher and ranks must die with it (no orphan writing on), and a resume finishes the unit.
+    path = write(tmp_path, """
+[fixed]
+epochs = 3
+seeds = [0]
+batch_size = 500
+[grid]
+nproc = [2]
+""")
+    out = tmp_path / "out"
+    a = sweep_cli("sweep", path, "--out", out, tmp=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ((out / "units.jsonl").exists() and (out / "units.jsonl").read_text()) and a.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert a.poll() is None
+    b = sweep_cli("sweep", path, "--out", out, tmp=tmp_path)
+    assert b.returncode == 1 and f"results folder {out} is in use by bnbench sweep (pid {a.pid} on" in b.stderr, b.stderr
+    r = sweep_cli("run", "--epochs", "1", "--out", out, tmp=tmp_path)
+    assert r.returncode == 1 and "is in use by bnbench sweep" in r.stderr and "Traceback" not in r.stderr
+    s = sweep_cli("status", out, tmp=tmp_path)
+    assert s.returncode == 0 and "1 running" in s.stdout and "a sweep holds the folder now" in s.stdout, s.stdout
+
+    while not ((out / "results.jsonl").exists() and (out / "results.jsonl").read_text()) and time.time() < deadline:
+        time.sleep(0.2)  # epoch 1 of the unit is on disk
+    ranks = [pid for pid in processes_mentioning(str(out)) if pid != a.pid]
+    assert len(ranks) >= 3, ranks  # the launcher and its two ranks
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    gone = time.time() + 15  # SIGTERM ends a rank within a second or two
+    while processes_mentioning(str(out)) and time.time() < gone:
+        time.sleep(0.2)
+    assert processes_mentioning(str(out)) == [], "a unit's processes outlived the killed sweep"
+    (meta,) = json.loads((out / "meta.json").read_text())["runs"].values()
+    assert meta["status"] == "interrupted"  # the ranks were told (SIGTERM), not cut off
+    s = sweep_cli("status", out, tmp=tmp_path)
+    assert "1 interrupted" in s.stdout and "reruns from the start on resume" in s.stdout, s.stdout
+
+    p = sweep_cli("sweep", path, "--out", out, tmp=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "moved to" in p.stderr and "[1/1] unit 1 (the one configuration): epoch 3/3" in p.stderr  # plain lines
+    rows, problems = read_results(out)
+    planned = json.loads((out / "plan.json").read_text())["units"]
+    # The launched ranks computed the same unit id as the planner; one whole unit, no duplicates.
+    assert problems == [] and len(rows) == 3 * 2 and set(rows["unit"]) == {planned[0]["id"]}
+    assert not rows.duplicated(["variant", "seed", "epoch"]).any()
+    assert (rows["world_size"] == 2).all() and (rows["backend"] == "gloo").all() and (rows["test_total"] == 10000).all()
+    assert list((out / "superseded").glob("*.jsonl")), "the killed attempt's epoch rows were not kept aside"
+
+
+def test_sigkill_at_random_moments_then_resume_equals_one_clean_run(tmp_path):
+    """SIGKILL the sweep at >= 20 random moments, resuming each time: the rows equal one clean run's."""
+    path = write(tmp_path, """
+[sweep]
+seeds_per_unit = 1
+[fixed]
+epochs = 2
+seeds = [0, 1]
+batch_size = 600            # 100 steps an epoch: short units, many boundaries to land on
+[grid]
+lr = [1e-3, 1e-2, 3e-2]
+""")
+    clean = tmp_path / "clean"
+    t0 = time.time()
+    p = sweep_cli("sweep", path, "--out", clean, "--quiet", tmp=tmp_path)
+    assert p.returncode == 0, p.stderr
+    reference, problems = read_results(clean)
+    assert problems == [] and len(reference) == 6 * 2 * 2
+    # The clean run's timeline: from its plan (start-up done) to its end; the units' share of it.
+    work = time.time() - (clean / "plan.json").stat().st_mtime
+    unit_s = [e["seconds"] for e in events(clean) if e["event"] == "done"]
+    per_unit = sorted(unit_s)[len(unit_s) // 2]
+    warm_up = work - per_unit * len(unit_s)  # data load, the first optimizer importing torch._dynamo, exit
+
+    out = tmp_path / "killed"
+    finished = []
+    rng = random.Random(20261126)
+    kills = attempts = 0
+    while kills < 20:
+        attempts += 1
+        assert attempts < 60, f"only {kills} kills landed in {attempts} attempts"
+        left = 6 - (len(read_results(out)[0]) // 4 if (out / "results.jsonl").exists() else 0)
+        plan_time = (out / "plan.json").stat().st_mtime if (out / "plan.json").exists() else 0
+        proc = sweep_cli("sweep", path, "--out", out, "--quiet", tmp=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Once this attempt has planned (start-up done), kill it at a random moment of the work it has left.
+        while proc.poll() is None and not ((out / "plan.json").exists() and (out / "plan.json").stat().st_mtime > plan_time):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, warm_up + left * per_unit))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if proc.returncode == 0:  # it finished first: check it, and start over so that kills land on work
+            finished.append(out)
+            out = tmp_path / f"killed{attempts}"
+    p = sweep_cli("sweep", path, "--out", out, "--quiet", tmp=tmp_path)
+    assert p.returncode == 0, p.stderr
+    moved = 0
+    for folder in finished + [out]:
+        rows, problems = read_results(folder)
+        assert problems == []
+        assert not rows.duplicated(["unit", "variant", "seed", "epoch"]).any()
+        # Row for row, bitwise: every metric, config value and unit id; only attempt ids and timings differ.
+        assert stable(rows) == stable(reference)
+        moved += sum(len(f.read_text().splitlines()) for f in (folder / "superseded").glob("*.jsonl"))
+    print(f"{kills} kills in {attempts} attempts over {len(finished) + 1} folders; {moved} rows of killed attempts "
+          f"moved aside; {time.time() - t0:.0f} s")
