@@ -8,7 +8,8 @@
 #                            Any other option goes to `bnbench run` (bnbench run --help).
 #   ./launch.sh test [ARGS]  the test suite (pytest ARGS)
 #   ./launch.sh bench [ARGS] the pytest-benchmark suite in bench/, saved under reports/bench/
-#   ./launch.sh CMD [ARGS]   any bnbench command: run, report, data, list (bnbench --help)
+#   ./launch.sh sweep SWEEP.toml   a grid of units into one folder, resumable (bnbench sweep --example)
+#   ./launch.sh CMD [ARGS]   any bnbench command: run, sweep, status, export, report, data, list (bnbench --help)
 # Environment: BNBENCH_DATA_ROOT (folder with the MNIST IDX files), BNBENCH_CACHE,
 #   BNBENCH_TORCH (pip spec for torch; default the build this project is tested with).
 set -euo pipefail

@@ -100,6 +100,11 @@ def test_example_prints_and_plans(tmp_path):
     assert [u.id for u in same] == [u.id for u in units]
 
 
+def test_launch_sh_sweep_is_bnbench_sweep(tmp_path):
+    p = subprocess.run([str(REPO / "launch.sh"), "sweep", "--example"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout == example(), p.stderr
+
+
 def test_plan_chunks_seeds_repeats_and_flags_invalid(tmp_path):
     path = write(tmp_path, """
 [sweep]
@@ -270,6 +275,22 @@ def test_sweep_records_failures_resumes_and_runs_only_new_units(tmp_path, capsys
     assert len(started) == 4 + 2 and {e["label"] for e in started[4:]} == {"lr=0.003 seeds=0", "lr=0.003 seeds=1"}
     assert not rows.duplicated(["unit", "variant", "seed", "epoch"]).any()
 
+    # A corrupted line in the middle: reported with its number by status, sweep and export, and
+    # kept; the unit whose row it was is no longer whole, so it alone runs again.
+    lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
+    broken = json.loads(lines[2])
+    lines[2] = lines[2][:40] + b"\x00\n"
+    (out / "results.jsonl").write_bytes(b"".join(lines))
+    assert status(out) == 0
+    assert "1 problem lines (left in place, not counted)" in capsys.readouterr().out
+    n = len(events(out))
+    assert run_sweep(path, out=out, data_root=mnist_root(), quiet=True) == 0
+    assert "results.jsonl:3: unparsable line" in capsys.readouterr().err
+    assert [e["unit"] for e in events(out)[n:]] == [broken["unit"]] * 2  # start, done
+    rows, problems = read_results(out)
+    assert len(rows) == 6 * 2 and len(problems) == 1 and b"\x00" in (out / "results.jsonl").read_bytes()
+    assert not rows.duplicated(["unit", "variant", "seed", "epoch"]).any()
+
     # Export: one flat table, every value as in results.jsonl.
     for fmt in ("csv", "parquet"):
         dest = export(out, fmt)
@@ -310,6 +331,22 @@ case = [
     first = len(events(out))
     assert run_sweep(path, out=out, data_root=mnist_root(), quiet=True) == 1  # divergence is a result: not rerun
     assert {e["index"] for e in events(out)[first:]} == {1, 3}
+
+
+def test_status_of_a_folder_of_plain_runs(tmp_path, capsys):
+    from bnbench.results import update_meta
+    from bnbench.sweep import status
+
+    with ResultsWriter(tmp_path) as w:
+        w.append([{"run_id": "r1", "epoch": 1}, {"run_id": "r1", "epoch": 1}])
+    update_meta(tmp_path, "r1", {"status": "complete", "config": {"epochs": 1}})
+    update_meta(tmp_path, "r2", {"status": "failed", "config": {"epochs": 3}, "error": "RuntimeError: boom"})
+    assert status(tmp_path) == 0
+    text = capsys.readouterr().out
+    assert "2 runs (no sweep plan here)" in text and "RuntimeError: boom" in text
+    assert [line.split()[:3] for line in text.splitlines()[2:4]] == [["r1", "complete", "2"], ["r2", "failed", "0"]]
+    with pytest.raises(ConfigError, match="no results folder"):
+        status(tmp_path / "nothing")
 
 
 def test_progress_bars_on_a_terminal_plain_lines_in_logs(tmp_path, monkeypatch, capsys):

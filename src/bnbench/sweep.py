@@ -103,6 +103,11 @@ class Unit:
                 "config": self.config.to_dict() if self.config else None, "error": self.error,
                 "expected_rows": self.expected_rows if self.config else None}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Unit:
+        cfg = Config(**d["config"]) if d["config"] else None
+        return cls(d["index"], d["label"], d["nproc"], d["device"], cfg, d["error"], d["id"])
+
 
 @dataclass
 class Sweep:
@@ -231,50 +236,59 @@ def _show(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def plan(sweep: Sweep, cuda_available: bool) -> list[Unit]:
-    """Every unit of the sweep, in a fixed order: grid combinations x seed chunks x repeats."""
-    import torch
-
+def _combinations(sweep: Sweep):
+    """(what varies, the options of one unit) for every combination of the grid, in file order."""
     keys = list(sweep.grid)
-    units: list[Unit] = []
     for combo in itertools.product(*(sweep.grid[k] for k in keys)):
         options = dict(sweep.fixed)
         for key, choice in zip(keys, combo):
             options.update(choice if isinstance(choice, dict) else {key: choice})
+        yield [f"{k}={_show(c)}" for k, c in zip(keys, combo) if len(sweep.grid[k]) > 1], options
+
+
+def plan(sweep: Sweep, cuda_available: bool) -> list[Unit]:
+    """Every unit of the sweep, in a fixed order: grid combinations x seed chunks x repeats."""
+    repeats = sweep.settings.get("repeats", 1)
+    units: list[Unit] = []
+    for varying, options in _combinations(sweep):
         nproc = options.pop("nproc", 1)
         device = options.pop("device", "auto")
         if device == "auto":
             device = "cuda" if cuda_available else "cpu"
-        varying = " ".join(f"{k}={_show(c)}" for k, c in zip(keys, combo) if len(sweep.grid[k]) > 1)
-        seeds = options.pop("seeds", None)
         try:
-            base = make_config(options.pop("preset", "seed"), seeds=seeds, cpu=device == "cpu", **options)
+            base, error = make_config(options.pop("preset", "seed"), cpu=device == "cpu", **options), None
+            seeds = base.seeds
         except ConfigError as e:
-            base, error = None, str(e)
-        chunk = sweep.settings.get("seeds_per_unit") or (len(base.seeds) if base else 1)
-        seed_chunks = [base.seeds[i:i + chunk] for i in range(0, len(base.seeds), chunk)] if base else [seeds or ()]
-        for part in seed_chunks:
-            for repeat in range(sweep.settings.get("repeats", 1)):
-                label = " ".join(x for x in (varying, f"seeds={_seed_label(part)}" if len(seed_chunks) > 1 else "",
-                                             f"repeat={repeat}" if sweep.settings.get("repeats", 1) > 1 else "") if x)
-                unit = Unit(len(units) + 1, label or "(the one configuration)", nproc, device, None)
-                if base is None:
-                    unit.error = error
-                else:
-                    try:
-                        unit.config = dataclasses.replace(base, seeds=part, repeat=repeat)
-                        unit.config.global_batch(nproc)
-                        if device == "cuda" and not cuda_available:
-                            raise ConfigError("device cuda: no CUDA device is visible on this machine")
-                    except ConfigError as e:
-                        unit.error = str(e)
-                if unit.error is None:
-                    unit.id = unit.config.unit_id(nproc, device, torch.__version__)
-                else:  # still a stable id, so that status can name it
-                    key = json.dumps([options, _show(part), nproc, device, repeat], sort_keys=True, default=str)
-                    unit.id = "invalid-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+            base, error, seeds = None, str(e), options.get("seeds", ())
+        size = sweep.settings.get("seeds_per_unit") or max(1, len(seeds))
+        chunks = [seeds[i:i + size] for i in range(0, len(seeds), size)] or [()]
+        for part in chunks:
+            for repeat in range(repeats):
+                label = " ".join(varying + ([f"seeds={_seed_label(part)}"] if len(chunks) > 1 else [])
+                                 + ([f"repeat={repeat}"] if repeats > 1 else [])) or "(the one configuration)"
+                unit = Unit(len(units) + 1, label, nproc, device, None, error)
+                _settle(unit, base, part, repeat, cuda_available, options)
                 units.append(unit)
     return units
+
+
+def _settle(unit: Unit, base: Config | None, seeds: tuple, repeat: int, cuda_available: bool, options: dict) -> None:
+    """The unit's config and id, or why it cannot run (then an id from its options, for status)."""
+    import torch
+
+    if unit.error is None:
+        try:
+            cfg = dataclasses.replace(base, seeds=seeds, repeat=repeat)
+            cfg.global_batch(unit.nproc)
+            if unit.device == "cuda" and not cuda_available:
+                raise ConfigError("device cuda: no CUDA device is visible on this machine")
+            unit.config = cfg
+            unit.id = cfg.unit_id(unit.nproc, unit.device, torch.__version__)
+            return
+        except ConfigError as e:
+            unit.error = str(e)
+    key = json.dumps([options, list(seeds), unit.nproc, unit.device, repeat], sort_keys=True, default=str)
+    unit.id = "invalid-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 # -- what is done ---------------------------------------------------------------------
@@ -352,7 +366,10 @@ class Progress:
         self.epochs = None
 
     def say(self, text: str) -> None:
-        (self.units.write if self.units is not None else print)(text, file=sys.stderr)
+        if self.units is not None:
+            self.units.write(text, file=sys.stderr)  # above the bars
+        else:
+            say(text)
 
     def start(self, unit: Unit) -> None:
         self.n += 1
@@ -545,10 +562,11 @@ def _home_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
-    def say(text):
-        print(text, file=sys.stderr)
+def say(text: str) -> None:
+    print(text, file=sys.stderr)
 
+
+def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
     message = repair_tail(out)
     if message:
         say(f"bnbench: repaired: {message}")
@@ -601,16 +619,13 @@ def _rows(out: Path):
 
 
 # -- status and export ------------------------------------------------------------------
-def unit_table(out: Path, units: list[Unit] | list[dict], running: bool):
+def unit_table(out: Path, units: list[Unit], running: bool):
     """One row per planned unit: its state, epochs recorded, and why it failed."""
     rows, problems = _rows(out)
     events, event_problems = read_events(out)
-    units = [u.to_dict() if isinstance(u, Unit) else u for u in units]
-    valid = [Unit(u["index"], u["label"], u["nproc"], u["device"], make_config(**u["config"]) if u["config"] else None,
-                  u["error"], u["id"]) for u in units]
-    done = done_units(rows, valid)
+    done = done_units(rows, units)
     table = []
-    for u in valid:
+    for u in units:
         last = events.get(u.id, {})
         epochs = 0
         if u.config is not None and not rows.empty and "unit" in rows.columns:
@@ -649,7 +664,7 @@ def status(out: str | os.PathLike) -> int:
     if not plan_path.exists():
         return _status_of_runs(out, running)
     doc = json.loads(plan_path.read_text())
-    table, problems = unit_table(out, doc["units"], running)
+    table, problems = unit_table(out, [Unit.from_dict(u) for u in doc["units"]], running)
     counts = table["state"].value_counts()
     print(f"sweep {out} ({doc['file']}, planned {doc['created']}): {len(table)} units; "
           + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "running", "failed", "interrupted", "left", "diverged")
