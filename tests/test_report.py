@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from bnbench.report import build_report, mean_ci95
+from bnbench.stats import bootstrap_ci95, paired_test, time_to_target
 from bnbench.results import ResultsWriter, read_results
 
 # final test accuracy per seed (epoch 2); epoch 1 is lower for everyone
@@ -22,7 +23,7 @@ def _rows():
             for e in (1, 2):
                 a = acc if e == 2 else acc - 0.02
                 rows.append(dict(run_id="r1", preset="seed", dataset="mnist", variant=v, seed=s, epoch=e, epochs=2,
-                                 test_acc=a, test_loss=1 - a, train_acc=a, train_loss=1 - a, diverged=False,
+                                 test_acc=a, test_loss=1 - a, train_acc=a, train_loss=1 - a, diverged=False, train_seconds=1.5,
                                  hidden="32,32", activation="relu", optimizer="adam", lr=1e-3, batch_size=100,
                                  engine="stacked", dtype="float32", world_size=1, sync_bn=False, device="cpu"))
     return rows
@@ -51,14 +52,78 @@ def test_tables_match_hand_computation(tmp_path):
     lo, hi = mean_ci95(d)
     assert lo == pytest.approx(statistics.mean(d) - half, abs=1e-12) and hi == pytest.approx(statistics.mean(d) + half, abs=1e-12)
     md = (tmp_path / "report" / "report.md").read_text()
-    assert f"{statistics.mean(d) * 100:+.2f} pp" in md and "BN ahead on 3 of 3" in md
+    assert f"BN raises final test accuracy by {statistics.mean(d) * 100:.2f} pp" in md and "BN ahead on 3 of 3" in md
+    assert "3 paired seeds" in md and "(paired t-test; Wilcoxon p = 0.250)" in md  # all 3 positive: 2/8 exactly
     page = html_path.read_text()
     imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(imgs) == 3  # accuracy, loss, paired difference: all embedded
+    figures = ("final_accuracy", "learning_curves", "time_to_target")
+    assert len(imgs) == len(figures)  # every figure embedded
     for b in imgs:
         assert base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("test_accuracy.png", "test_loss.png", "paired_difference.png"):
-        assert (tmp_path / "report" / name).stat().st_size > 1000
+    for name in figures:
+        assert (tmp_path / "report" / f"{name}.png").stat().st_size > 1000
+        assert (tmp_path / "report" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv").set_index("variant")
+    assert summary.loc["bn", "reached"] == "3/3" and summary.loc["nobn", "reached"] == "0/3"  # target 0.97: only BN
+    assert summary.loc["bn", "median_epochs"] == 2 and summary.loc["bn", "pairs"] == 3
+    assert summary.loc["bn", "mean_diff"] == pytest.approx(statistics.mean(d), abs=1e-12)
+
+
+def test_paired_statistics_against_hand_values():
+    bn = [0.975, 0.972, 0.978, 0.970, 0.974]
+    nobn = [0.965, 0.966, 0.967, 0.962, 0.969]
+    d = [a - b for a, b in zip(bn, nobn)]
+    t = paired_test(bn, nobn)
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    from scipy import stats
+
+    # t = mean / (sd / sqrt(n)) with n - 1 = 4 degrees of freedom, two-sided.
+    assert t["p_t"] == pytest.approx(2 * stats.t.sf(m / (sd / 5 ** 0.5), 4), rel=1e-12)
+    # Wilcoxon signed-rank, exact: all 5 differences positive -> p = 2 / 2^5.
+    assert t["p_wilcoxon"] == pytest.approx(2 / 32, abs=1e-12)
+    assert t["mean_diff"] == pytest.approx(m, abs=1e-15) and t["ahead"] == 5 and t["enough"]
+    # One negative difference, the smallest in size: W- = 1, P(W <= 1) = 2/32, two-sided 4/32.
+    t2 = paired_test([0.97, 0.97, 0.97, 0.97, 0.9695], [0.960, 0.962, 0.964, 0.966, 0.970])
+    assert t2["p_wilcoxon"] == pytest.approx(4 / 32, abs=1e-12) and t2["ahead"] == 4
+    # The bootstrap interval: seeded (the same every time), inside the data, around the mean; against
+    # a plain numpy percentile bootstrap of the same data.
+    lo, hi = bootstrap_ci95(d)
+    assert (lo, hi) == bootstrap_ci95(d) and min(d) <= lo < m < hi <= max(d)
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    means = np.asarray(d)[rng.integers(0, 5, size=(20000, 5))].mean(axis=1)
+    assert lo == pytest.approx(np.percentile(means, 2.5), abs=2e-4) and hi == pytest.approx(np.percentile(means, 97.5), abs=2e-4)
+    assert bootstrap_ci95([0.01] * 4) == (0.01, 0.01)
+    # Too few seeds: no interval, no p-value, and the report says so.
+    few = paired_test([0.97, 0.98], [0.96, 0.96])
+    assert not few["enough"] and few["ci_low"] is None and few["p_t"] is None
+
+
+def test_time_to_target_counts_members_that_never_reach_it():
+    curves = pd.DataFrame([
+        # member a reaches 0.97 at epoch 2 (1.0 + 2.0 s of training); member b never does.
+        dict(run_id="r", variant="bn", seed=0, epoch=1, test_acc=0.95, train_seconds=1.0),
+        dict(run_id="r", variant="bn", seed=0, epoch=2, test_acc=0.971, train_seconds=2.0),
+        dict(run_id="r", variant="bn", seed=0, epoch=3, test_acc=0.969, train_seconds=4.0),
+        dict(run_id="r", variant="nobn", seed=0, epoch=1, test_acc=0.94, train_seconds=1.0),
+        dict(run_id="r", variant="nobn", seed=0, epoch=2, test_acc=0.96, train_seconds=2.0),
+        dict(run_id="r", variant="nobn", seed=0, epoch=3, test_acc=0.969999, train_seconds=4.0),
+    ])
+    t = time_to_target(curves, 0.97).set_index("variant")
+    assert t.loc["bn", "reached"] and t.loc["bn", "epochs"] == 2 and t.loc["bn", "seconds"] == 3.0
+    assert not t.loc["nobn", "reached"] and pd.isna(t.loc["nobn", "epochs"]) and t.loc["nobn", "epochs_run"] == 3
+    assert time_to_target(curves, 0.95).set_index("variant").loc["bn", "epochs"] == 1  # reached means >=
+
+
+def test_one_seed_and_a_missing_epoch_are_said(tmp_path):
+    rows = [r for r in _rows() if r["seed"] == 0]
+    rows = [r for r in rows if not (r["variant"] == "bn" and r["epoch"] == 1)]  # a hole in the curve
+    _write(tmp_path, [{**r, "epochs": 3} for r in rows])
+    build_report(tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "over 1 paired seed: too few for an interval or a p-value (at least 3 needed" in md
+    assert "bn/seed 0: epoch 1 missing" in md and "2 of 3 epochs recorded" in md
 
 
 def test_partial_files_reported_not_dropped(tmp_path):
@@ -99,3 +164,70 @@ def test_all_diverged_still_reports(tmp_path):
     assert md.count("diverged (loss NaN/inf) at epoch 1") == 6
     assert "No seed has both a BN and a no-BN member" in md
 
+
+
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute("data-figures", ok + "/" + imgs.length);
+});
+</script></body>"""
+
+
+def _open_in_chromium(page: Path) -> tuple[str, list[str]]:
+    """Load a page in headless Chromium: (figures loaded / figures, console messages)."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:  # loud, not skipped: ./launch.sh test installs Debian's chromium when missing
+        pytest.fail("Chromium not found: apt-get install -y chromium (./launch.sh test does it when it can)")
+    probe = page.with_name("probe-" + page.name)
+    probe.write_text(page.read_text().replace("</body>", PROBE))
+    p = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                        "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    loaded = re.search(r'data-figures="([^"]*)"', p.stdout)
+    return (loaded.group(1) if loaded else "no load event"), [x for x in p.stderr.splitlines() if ":CONSOLE" in x]
+
+
+def test_report_opens_in_headless_chromium_every_figure_loads(tmp_path):
+    _write(tmp_path, _rows())
+    page = build_report(tmp_path)
+    loaded, console = _open_in_chromium(page)
+    assert loaded == "3/3" and console == [], (loaded, console)
+    # The probe can fail: a broken figure and a console error are both seen.
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!doctype html><html><body><img src="data:image/png;base64,AAAA"><script>console.error("x")</script></body></html>')
+    loaded, console = _open_in_chromium(bad)
+    assert loaded == "0/1" and len(console) == 1 and '"x"' in console[0]
+
+
+def test_throughput_scaling_sync_bn_and_repeats(tmp_path):
+    # 1 and 2 processes, sync BN off and on, 3 seeds, 2 epochs; every run repeated once (repeat 1).
+    rows = []
+    for world in (1, 2):
+        for sync in (False, True):
+            for repeat in (0, 1):
+                for seed in range(3):
+                    run = f"w{world}-s{sync}-r{repeat}-{seed}"
+                    for variant, acc in (("bn", 0.975 + seed / 1000), ("nobn", 0.965)):
+                        for epoch in (1, 2):
+                            rows.append(dict(run_id=run, repeat=repeat, variant=variant, seed=seed, epoch=epoch, epochs=2,
+                                             test_acc=acc, test_loss=1 - acc, train_acc=acc, train_loss=1 - acc,
+                                             diverged=False, train_seconds=1.0, device_name="CPU", engine="stacked",
+                                             members=6, batch_size=100, per_device_batch=100 // world, world_size=world,
+                                             sync_bn=sync, samples_per_s=(1000.0 if epoch == 2 else 1.0) * (3 - world + repeat),
+                                             dataset="mnist", lr=1e-3))
+    _write(tmp_path, rows)
+    build_report(tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    # Repeats retrain the same numbers: 3 paired seeds per configuration, not 6.
+    assert md.count("3 paired seeds") == 4 and "6 paired seeds" not in md
+    # Throughput: the epoch-2 rate per run (epoch 1 is warm-up), median and range over the repeats;
+    # 1 process: runs at 2000 and 3000 -> median 2500; 2 processes: 1000 and 2000 -> 1500, efficiency 1500 / (2 x 2500).
+    section = md.split("## Throughput and scaling")[1].split("##")[0]
+    assert "| CPU | 1 | stacked | False | 6 | 100 | 2,500 | 2,000 | 3,000 | 6 | 1.00 |" in section
+    assert "| CPU | 2 | stacked | True | 6 | 100 | 1,500 | 1,000 | 2,000 | 6 | 0.30 |" in section
+    assert (tmp_path / "report" / "sync_bn.png").exists() and (tmp_path / "report" / "throughput.svg").exists()

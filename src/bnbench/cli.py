@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="file to write (default DIR/results.csv or DIR/results.parquet)")
 
     rep = sub.add_parser("report", help="figures, tables and the BN - no-BN verdict from DIR/results.jsonl")
-    rep.add_argument("dir", help="results folder")
+    rep.add_argument("dir", help="results folder (one run, a sweep, several devices)")
+    rep.add_argument("--target", type=_positive_float, default=None, metavar="ACC",
+                     help="test accuracy for time-to-target (default 0.97)")
 
     d = sub.add_parser("data", help="find, verify and cache a dataset; print where its files are")
     d.add_argument("--dataset", default="mnist", help=f"one of: {', '.join(DATASETS)}")
@@ -206,9 +208,9 @@ def cmd_export(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from .report import build_report
+    from .report import DEFAULT_TARGET, build_report
 
-    path = build_report(a.dir)
+    path = build_report(a.dir, target=getattr(a, "target", None) or DEFAULT_TARGET)
     print(f"report: {path}")
     return 0
 

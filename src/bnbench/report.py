@@ -1,7 +1,10 @@
-"""Report: results.jsonl -> DIR/report/{report.html, report.md, *.png}.
+"""Report: any results folder -> DIR/report/{report.html, report.md, *.png, *.svg, summary.csv}.
 
-Reads top-down: the verdict (paired BN - no-BN difference), the final-accuracy
-table, the learning curves, then what is missing or diverged.
+Reads top-down, from the verdict to the detail: the paired BN - no-BN difference per
+configuration, final accuracy, learning curves, time to a target accuracy,
+throughput and scaling, synchronised BN, then what is missing, failed or diverged,
+and the environment. Works on partial data (a sweep still running, one seed, a
+diverged member) and says what is missing.
 """
 from __future__ import annotations
 
@@ -14,25 +17,19 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError
-from .results import META_FILE, ResultsProblem, read_results
+from .results import META_FILE, ResultsProblem, read_jsonl, read_results
+from .stats import MIN_PAIRS, describe_p, mean_ci95, paired_test, time_to_target
 
-# What makes two rows the same experiment (apart from variant and seed).
-CONFIG_KEYS = ["preset", "dataset", "hidden", "activation", "optimizer", "lr", "batch_size", "engine", "dtype", "world_size", "sync_bn", "device"]
-PALETTE = {"bn": "#1f77b4", "nobn": "#d62728"}  # one colour per variant, everywhere
+DEFAULT_TARGET = 0.97  # test accuracy for time-to-target (MLPerf / DAWNBench style)
+# What makes two rows the same experiment (apart from variant, seed and repeat).
+CONFIG_KEYS = ["preset", "dataset", "hidden", "activation", "optimizer", "lr", "momentum", "batch_size",
+               "per_device_batch", "epochs", "engine", "dtype", "world_size", "sync_bn", "device"]
+PALETTE = {"bn": "#1f77b4", "nobn": "#d62728"}  # one colour per variant, in every figure
 LABELS = {"bn": "with BN", "nobn": "without BN"}
+CURVES = [("test_acc", "test accuracy"), ("test_loss", "test loss (nats)"),
+          ("train_acc", "train accuracy"), ("train_loss", "train loss (nats)")]
 
-
-def mean_ci95(values) -> tuple[float, float]:
-    """Student-t 95% interval of the mean (n >= 2), the usual one across a few seeds."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if len(v) < 2:
-        m = float(v.mean()) if len(v) else float("nan")
-        return m, m
-    lo, hi = stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
-    return float(lo), float(hi)
+__all__ = ["build_report", "mean_ci95", "final_rows", "DEFAULT_TARGET"]
 
 
 def config_label(df: pd.DataFrame) -> pd.Series:
@@ -53,38 +50,263 @@ def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df.groupby(["run_id", "variant", "seed"], as_index=False).tail(1).reset_index(drop=True)
 
 
+def accuracy_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """One run per (config, seed) for the accuracy statistics: a repeat trains the same numbers
+    again, and counting it twice would shrink every interval."""
+    if "repeat" in df:
+        df = df[df["repeat"].fillna(0) == 0]
+    first = df.sort_values(["time"] if "time" in df else ["run_id"]).drop_duplicates(["config", "variant", "seed"])[["config", "variant", "seed", "run_id"]]
+    return df.merge(first, on=["config", "variant", "seed", "run_id"])
+
+
 def final_table(final: pd.DataFrame) -> pd.DataFrame:
-    """Final test accuracy per config and variant: mean, std, min, max, n (diverged counted apart)."""
+    """Final test accuracy per config and variant: mean, std, t-interval, min, max, n (diverged counted apart)."""
     out = []
     for (cfg, variant), g in final.groupby(["config", "variant"], sort=True):
-        acc = g.loc[~g["diverged"].astype(bool), "test_acc"].astype(float)
+        acc = g.loc[~g["diverged"], "test_acc"].astype(float)
         lo, hi = mean_ci95(acc)
-        out.append(
-            {
-                "config": cfg,
-                "variant": variant,
-                "mean": acc.mean(),
-                "std": acc.std(ddof=1) if len(acc) > 1 else float("nan"),
-                "ci95_low": lo,
-                "ci95_high": hi,
-                "min": acc.min(),
-                "max": acc.max(),
-                "n": int(len(acc)),
-                "diverged": int(g["diverged"].astype(bool).sum()),
-                "epoch": int(g["epoch"].max()),
-            }
-        )
+        out.append({"config": cfg, "variant": variant, "mean": acc.mean(), "std": acc.std(ddof=1) if len(acc) > 1 else float("nan"),
+                    "ci95_low": lo, "ci95_high": hi, "min": acc.min(), "max": acc.max(), "n": int(len(acc)),
+                    "diverged": int(g["diverged"].sum()), "epoch": int(g["epoch"].max())})
     return pd.DataFrame(out)
 
 
 def paired_differences(final: pd.DataFrame) -> pd.DataFrame:
-    """BN - no-BN final test accuracy per (config, run, seed): a paired comparison (same init, same batches)."""
-    piv = final.pivot_table(index=["config", "run_id", "seed"], columns="variant", values="test_acc", aggfunc="first")
+    """BN - no-BN final test accuracy per (config, seed): a paired comparison (same init, same batches)."""
+    live = final[~final["diverged"]]
+    piv = live.pivot_table(index=["config", "seed"], columns="variant", values="test_acc", aggfunc="first")
     if not {"bn", "nobn"} <= set(piv.columns):
-        return pd.DataFrame(columns=["config", "run_id", "seed", "bn", "nobn", "difference"])
+        return pd.DataFrame(columns=["config", "seed", "bn", "nobn", "difference"])
     piv = piv.dropna(subset=["bn", "nobn"]).reset_index()
     piv["difference"] = piv["bn"] - piv["nobn"]
-    return piv[["config", "run_id", "seed", "bn", "nobn", "difference"]]
+    return piv[["config", "seed", "bn", "nobn", "difference"]]
+
+
+def verdicts(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per config: the paired test of BN - no-BN final test accuracy, and a sentence that says it."""
+    out = []
+    for cfg, g in pairs.groupby("config"):
+        t = paired_test(g["bn"], g["nobn"])
+        d = t["mean_diff"] * 100
+        if t["enough"]:
+            verb = "raises" if d > 0 else "lowers" if d < 0 else "does not change"
+            text = (f"{cfg}: BN {verb} final test accuracy by {abs(d):.2f} pp "
+                    f"[95% CI {t['ci_low'] * 100:+.2f}, {t['ci_high'] * 100:+.2f}], {describe_p(t['p_t'])} "
+                    f"(paired t-test; Wilcoxon {describe_p(t['p_wilcoxon'])}), {t['n']} paired seeds; "
+                    f"BN ahead on {t['ahead']} of {t['n']}.")
+        else:
+            text = (f"{cfg}: BN - no-BN = {d:+.2f} pp over {t['n']} paired seed{'s' if t['n'] != 1 else ''}: too few "
+                    f"for an interval or a p-value (at least {MIN_PAIRS} needed; run more seeds).")
+        out.append({"config": cfg, **{k: t[k] for k in ("n", "mean_diff", "ci_low", "ci_high", "p_t", "p_wilcoxon", "ahead")},
+                    "verdict": text})
+    return pd.DataFrame(out)
+
+
+def target_table(ttt: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per config and variant: how many members reached the target, median epochs and seconds of those that did."""
+    out = []
+    for (cfg, variant), g in ttt.groupby(["config", "variant"], sort=True):
+        hit = g[g["reached"]]
+        out.append({"config": cfg, "variant": variant, "target": target, "reached": f"{len(hit)}/{len(g)}",
+                    "median_epochs": hit["epochs"].median() if len(hit) else float("nan"),
+                    "median_seconds": hit["seconds"].median() if len(hit) else float("nan"),
+                    "max_epochs_run": int(g["epochs_run"].max())})
+    return pd.DataFrame(out)
+
+
+THROUGHPUT_KEYS = ["device_name", "world_size", "engine", "sync_bn", "members", "batch_size"]
+
+
+def throughput_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Member-samples/s per run (median over its epochs after the first: warm-up), then per setting:
+    median and range across runs (repeats), and scaling efficiency against one process."""
+    keys = [k for k in THROUGHPUT_KEYS if k in df]
+    later = df[df["epoch"] > 1] if (df["epoch"] > 1).any() else df
+    runs = later.groupby(["run_id", *keys], dropna=False)["samples_per_s"].median().reset_index()
+    table = runs.groupby(keys, dropna=False)["samples_per_s"].agg(["median", "min", "max", "count"]).reset_index()
+    table = table.rename(columns={"median": "samples_per_s", "min": "min", "max": "max", "count": "runs"})
+    base_keys = [k for k in keys if k != "world_size"]
+    one = table[table["world_size"] == 1].set_index(base_keys)["samples_per_s"] if "world_size" in table else None
+    eff = []
+    for r in table.to_dict("records"):
+        key = tuple(r[k] for k in base_keys) if len(base_keys) > 1 else r[base_keys[0]]
+        ref = one.get(key) if one is not None and key in one.index else None
+        eff.append(r["samples_per_s"] / (r["world_size"] * ref) if ref else float("nan"))
+    table["scaling_efficiency"] = eff  # throughput at W / (W x throughput at 1)
+    return table
+
+
+# -- figures -------------------------------------------------------------------------------
+def _save(fig, rep: Path, stem: str, caption: str, figs: list, tight: bool = True) -> None:
+    import matplotlib.pyplot as plt
+
+    for ext in ("png", "svg"):
+        # bbox "tight" keeps legends placed outside the axes; it costs a second draw, so a figure
+        # laid out by tight_layout (the large learning-curve grid) goes without it.
+        fig.savefig(rep / f"{stem}.{ext}", dpi=110, bbox_inches="tight" if tight else None)
+    plt.close(fig)
+    figs.append((f"{stem}.png", caption))
+
+
+def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[tuple[str, str]]:
+    import textwrap
+
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    palette = {LABELS[k]: c for k, c in PALETTE.items()}
+    order = [LABELS[k] for k in PALETTE]
+    figs: list[tuple[str, str]] = []
+    configs = sorted(df["config"].unique())
+    live = df[~df["diverged"]].assign(variant=lambda d: d["variant"].map(lambda v: LABELS.get(v, v)))
+
+    final = acc_final[~acc_final["diverged"]].assign(variant=lambda d: d["variant"].map(lambda v: LABELS.get(v, v)))
+    if len(final):
+        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.9 * len(configs)))
+        sns.boxplot(data=final, x="test_acc", y="config", hue="variant", hue_order=order, palette=palette, ax=ax,
+                    fliersize=0, boxprops={"alpha": 0.35})
+        sns.stripplot(data=final, x="test_acc", y="config", hue="variant", hue_order=order, palette=palette, ax=ax,
+                      dodge=True, size=6, jitter=0.12, legend=False)
+        ax.set_xlabel("final test accuracy (fraction correct), one point per seed")
+        ax.set_ylabel("")
+        ax.set_title("Final test accuracy: every seed over its box")
+        # Each configuration's label carries its numbers: mean ± std and n per variant.
+        stats_of = final.groupby(["config", "variant"])["test_acc"].agg(["mean", "std", "count"])
+        ax.set_yticks(ax.get_yticks(), [
+            "\n".join([textwrap.shorten(t.get_text(), 60)] + [
+                f"{v}: {stats_of.loc[(t.get_text(), v), 'mean']:.4f} ± {stats_of.loc[(t.get_text(), v), 'std']:.4f}, "
+                f"n={stats_of.loc[(t.get_text(), v), 'count']}" for v in order if (t.get_text(), v) in stats_of.index])
+            for t in ax.get_yticklabels()], fontsize=9)
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="")
+        _save(fig, rep, "final_accuracy", "final test accuracy per configuration: every seed as a point over a box", figs)
+
+    if len(live):  # every member diverged: nothing to draw, the notes say why
+        _learning_curves(live, configs, palette, rep, figs)
+
+    if len(ttt) and ttt["reached"].any():
+        hit = ttt[ttt["reached"]].assign(variant=lambda d: d["variant"].map(lambda v: LABELS.get(v, v)))
+        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.9 * len(configs)))
+        sns.stripplot(data=hit, x="epochs", y="config", hue="variant", hue_order=order, palette=palette, ax=ax,
+                      dodge=True, size=7, jitter=0.15)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel(f"epochs until test accuracy first reaches {target:.2%} (members that never do: in the table)")
+        ax.set_ylabel("")
+        ax.set_title(f"Time to {target:.2%} test accuracy")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="")
+        _save(fig, rep, "time_to_target", f"epochs to {target:.2%} test accuracy, one point per member", figs)
+
+    if len(throughput) and "world_size" in throughput:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        setting = [k for k in ("device_name", "engine", "sync_bn") if k in throughput]
+        shown = throughput.assign(setting=throughput[setting].astype(str).agg(" / ".join, axis=1))
+        sns.pointplot(data=shown, x="world_size", y="samples_per_s", hue="setting", ax=ax, markers="o", linestyles="-")
+        for r in shown.itertuples():
+            ax.plot([list(sorted(shown["world_size"].unique())).index(r.world_size)] * 2, [r.min, r.max], color="grey", lw=1)
+        ax.set_xlabel("processes (world size)")
+        ax.set_ylabel("member-samples / s (median over runs; bar: range)")
+        ax.set_title("Training throughput (evaluation excluded)")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title=" / ".join(setting))
+        _save(fig, rep, "throughput", "member-samples per second by world size, device, engine and sync BN", figs)
+
+    syncable = acc_final[~acc_final["diverged"]]
+    if "sync_bn" in syncable and syncable["sync_bn"].nunique() > 1:
+        shown = syncable.assign(variant=lambda d: d["variant"].map(lambda v: LABELS.get(v, v)),
+                                sync=lambda d: d["sync_bn"].map({True: "sync BN", False: "per-process BN"}))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        sns.pointplot(data=shown, x="per_device_batch", y="test_acc", hue="sync", ax=ax, errorbar=mean_ci95,
+                      dodge=0.2, markers=["o", "s"], linestyles=["-", "--"])
+        ax.set_xlabel("per-process batch (samples)")
+        ax.set_ylabel("final test accuracy, mean and 95% CI")
+        ax.set_title("Synchronised vs per-process BN statistics")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="")
+        _save(fig, rep, "sync_bn", "final test accuracy with and without --sync-bn against per-process batch", figs)
+    return figs
+
+
+def curve_bands(live: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Per config, variant, metric and epoch: mean over seeds and the Student-t 95% half-width
+    (mean_ci95, vectorised: one groupby instead of one call per point)."""
+    from scipy import stats
+
+    long = live.melt(id_vars=["config", "variant", "epoch"], value_vars=metrics, var_name="metric", value_name="value")
+    agg = long.dropna(subset=["value"]).groupby(["config", "variant", "metric", "epoch"])["value"].agg(["mean", "std", "count"]).reset_index()
+    n = agg["count"].to_numpy()
+    t = stats.t.ppf(0.975, np.maximum(n - 1, 1))
+    agg["half"] = np.where(n > 1, t * agg["std"].fillna(0).to_numpy() / np.sqrt(n), 0.0)
+    return agg
+
+
+def _learning_curves(live: pd.DataFrame, configs: list[str], palette: dict, rep: Path, figs: list) -> None:
+    import textwrap
+
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    metrics = [(m, label) for m, label in CURVES if m in live and live[m].notna().any()]
+    bands = curve_bands(live, [m for m, _ in metrics])
+    fig, axes = plt.subplots(len(metrics), len(configs), figsize=(0.8 + 3.8 * len(configs), 0.6 + 2.5 * len(metrics)),
+                             squeeze=False, sharex="col")
+    for j, cfg in enumerate(configs):
+        axes[0, j].set_title("\n".join(textwrap.wrap(cfg, 42)), fontsize=10)
+        axes[-1, j].set_xlabel("epoch")
+        for i, (metric, label) in enumerate(metrics):
+            ax = axes[i, j]
+            for variant, colour in palette.items():
+                b = bands[(bands["config"] == cfg) & (bands["metric"] == metric) & (bands["variant"] == variant)]
+                ax.plot(b["epoch"], b["mean"], marker="o", ms=3, color=colour, label=variant)
+                ax.fill_between(b["epoch"], b["mean"] - b["half"], b["mean"] + b["half"], color=colour, alpha=0.2, lw=0)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if j == 0:
+                ax.set_ylabel(label)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.suptitle("Learning curves: mean and 95% CI across seeds (train metrics in eval mode, all samples)", x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 0.9 if len(configs) == 1 else 0.95, 0.97))
+    _save(fig, rep, "learning_curves", "train and test loss and accuracy per epoch, mean with 95% CI across seeds", figs, tight=False)
+
+
+# -- assembling ------------------------------------------------------------------------------
+def _notes(df, final, out_dir: Path, problems: list[str], meta: dict) -> list[str]:
+    notes = list(problems)
+    epochs_cfg = df.groupby("run_id")["epochs"].max()
+    for run_id, g in final.groupby("run_id"):
+        done = int(g["epoch"].min())
+        if done < int(epochs_cfg[run_id]):
+            notes.append(f"run {run_id}: {done} of {int(epochs_cfg[run_id])} epochs recorded (incomplete or still running)")
+    for (run_id, variant, seed), g in df.groupby(["run_id", "variant", "seed"]):
+        missing = sorted(set(range(1, int(g["epoch"].max()) + 1)) - set(g["epoch"].astype(int)))
+        if missing:
+            notes.append(f"run {run_id}: {variant}/seed {seed}: epoch{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(str, missing))} missing (curves skip them)")
+    for r in final[final["diverged"]].itertuples():
+        first = df[(df.run_id == r.run_id) & (df.variant == r.variant) & (df.seed == r.seed) & df.diverged]["epoch"].min()
+        notes.append(f"run {r.run_id}: {r.variant}/seed {r.seed} diverged (loss NaN/inf) at epoch {first}")
+    run_ids = set(df["run_id"])
+    for rid, m in meta.items():
+        if rid in run_ids and m.get("status") not in ("complete", None):
+            notes.append(f"run {rid}: status {m['status']}" + (f" ({m['error']})" if m.get("error") else ""))
+    events = out_dir / "units.jsonl"
+    if events.exists():  # a sweep: the units that failed, with their reasons
+        last = {}
+        for e in read_jsonl(events)[0]:
+            last[e.get("unit")] = e
+        for e in last.values():
+            if e.get("event") == "failed":
+                notes.append(f"sweep unit {e.get('index')} ({e.get('label')}) failed: {e.get('reason')}")
+    return notes
+
+
+def _environment(meta: dict, run_ids: set) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "run_id": rid, "status": m.get("status", "?"), "device": f"{m.get('device', '?')} ({m.get('device_name', '')})",
+        "world": m.get("world_size", "?"), "torch": m.get("versions", {}).get("torch", "?"),
+        "git": str(m.get("git_commit", "?"))[:12], "host": m.get("hostname", "?"),
+    } for rid, m in meta.items() if rid in run_ids])
 
 
 def _md_table(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
@@ -103,145 +325,110 @@ def _html_table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-", border=0, classes="t")
 
 
-def _figures(df: pd.DataFrame, out: Path) -> list[tuple[str, str]]:
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    figs = []
-    configs = sorted(df["config"].unique())
-    live = df[~df["diverged"].astype(bool)].copy()
-    live["variant"] = live["variant"].map(lambda v: LABELS.get(v, v))
-    palette = {LABELS[k]: c for k, c in PALETTE.items()}
-    curves = [] if live.empty else [  # every member diverged: nothing to draw, the notes say why
-        ("test_acc", "test accuracy (fraction correct)", "test_accuracy.png"),
-        ("test_loss", "test loss (mean cross-entropy, nats)", "test_loss.png"),
-    ]
-    for metric, ylabel, fname in curves:
-        g = sns.relplot(
-            data=live, x="epoch", y=metric, hue="variant", col="config", col_wrap=min(len(configs), 3),
-            kind="line", errorbar=mean_ci95, marker="o", palette=palette, height=4, aspect=1.3,
-            facet_kws={"sharey": False},
-        )
-        g.set_axis_labels("epoch", ylabel)
-        for ax in g.axes.flat:
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        g.set_titles("{col_name}")
-        g.figure.suptitle(f"{ylabel.split(' (')[0]} per epoch: mean and 95% CI across seeds", y=1.03)
-        g.figure.savefig(out / fname, dpi=110, bbox_inches="tight")
-        plt.close(g.figure)
-        figs.append((fname, f"{ylabel.split(' (')[0]} per epoch, mean with 95% CI across seeds"))
-
-    pairs = paired_differences(final_rows(df))
-    if len(pairs):
-        fig, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * max(2, pairs["config"].nunique() * 2)))
-        pairs = pairs.assign(pp=pairs["difference"] * 100)
-        sns.stripplot(data=pairs, x="pp", y="config", ax=ax, color=PALETTE["bn"], size=7, jitter=0.15)
-        ax.axvline(0, color="black", lw=1)
-        ax.set_xlabel("final test accuracy, BN - no-BN (percentage points), one dot per seed")
-        ax.set_ylabel("")
-        ax.set_title("Paired difference per seed (same init, same batches)")
-        fig.savefig(out / "paired_difference.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        figs.append(("paired_difference.png", "BN - no-BN final test accuracy, one point per seed"))
-    return figs
-
-
-def verdict(pairs: pd.DataFrame) -> list[str]:
-    lines = []
-    for cfg, g in pairs.groupby("config"):
-        d = g["difference"].to_numpy() * 100
-        n = len(d)
-        ahead = int((d > 0).sum())
-        if n >= 2:
-            lo, hi = mean_ci95(d)
-            lines.append(
-                f"{cfg}: BN changes final test accuracy by {d.mean():+.2f} pp "
-                f"[95% CI {lo:+.2f}, {hi:+.2f}] over {n} paired seeds; BN ahead on {ahead} of {n}."
-            )
-        else:
-            lines.append(f"{cfg}: BN - no-BN = {d.mean():+.2f} pp on a single seed; too few seeds for an interval.")
-    return lines
-
-
-def build_report(out_dir) -> Path:
+def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
     out_dir = Path(out_dir)
+    if not 0 < target <= 1:
+        raise ConfigError(f"--target must be a test accuracy in (0, 1], got {target}")
     try:
         df, problems = read_results(out_dir)
     except ResultsProblem as e:
         raise ConfigError(str(e)) from None
     if df.empty:
         raise ConfigError(f"{out_dir}/results.jsonl holds no rows" + (f"; problems: {problems}" if problems else ""))
-    df["diverged"] = df.get("diverged", False)
+    df["diverged"] = (df["diverged"] if "diverged" in df else False)
     df["diverged"] = df["diverged"].fillna(False).astype(bool)
     df["config"] = config_label(df)
     rep = out_dir / "report"
     rep.mkdir(parents=True, exist_ok=True)
-
-    final = final_rows(df)
-    table = final_table(final)
-    pairs = paired_differences(final)
-    verdict_lines = verdict(pairs) if len(pairs) else ["No seed has both a BN and a no-BN member: no paired comparison."]
-    figs = _figures(df, rep)
-
-    notes = list(problems)
-    epochs_cfg = df.groupby("run_id")["epochs"].max()
-    for run_id, g in final.groupby("run_id"):
-        done = int(g["epoch"].min())
-        if done < int(epochs_cfg[run_id]):
-            notes.append(f"run {run_id}: {done} of {int(epochs_cfg[run_id])} epochs recorded (incomplete or still running)")
-    for r in final[final["diverged"]].itertuples():
-        first = df[(df.run_id == r.run_id) & (df.variant == r.variant) & (df.seed == r.seed) & df.diverged]["epoch"].min()
-        notes.append(f"run {r.run_id}: {r.variant}/seed {r.seed} diverged (loss NaN/inf) at epoch {first}")
+    for old in [*rep.glob("*.png"), *rep.glob("*.svg"), *rep.glob("*.csv"), *rep.glob("report.*")]:
+        old.unlink()  # the folder is the report's: nothing of an older one lingers
     meta = {}
     if (out_dir / META_FILE).exists():
         try:
             meta = json.loads((out_dir / META_FILE).read_text()).get("runs", {})
         except ValueError as e:
-            notes.append(f"{out_dir / META_FILE} unreadable: {e}")
-    run_ids = set(df["run_id"])
-    for rid, m in meta.items():
-        if rid in run_ids and m.get("status") not in ("complete", None):
-            notes.append(f"run {rid}: status {m['status']}" + (f" ({m['error']})" if m.get("error") else ""))
-    env_rows = pd.DataFrame(
-        [
-            {
-                "run_id": rid,
-                "status": m.get("status", "?"),
-                "device": f"{m.get('device', '?')} ({m.get('device_name', '')})",
-                "torch": m.get("versions", {}).get("torch", "?"),
-                "git": str(m.get("git_commit", "?"))[:12],
-                "host": m.get("hostname", "?"),
-            }
-            for rid, m in meta.items()
-            if rid in run_ids
-        ]
-    )
+            problems = problems + [f"{out_dir / META_FILE} unreadable: {e}"]
 
-    pairs_show = pairs.assign(difference_pp=pairs["difference"] * 100).drop(columns=["difference"])
+    acc = accuracy_rows(df)
+    final = final_rows(acc)
+    table = final_table(final)
+    pairs = paired_differences(final)
+    verdict = verdicts(pairs) if len(pairs) else pd.DataFrame(columns=["config", "verdict"])
+    verdict_lines = list(verdict["verdict"]) or ["No seed has both a BN and a no-BN member that trained without diverging: no paired comparison."]
+    ttt = time_to_target(acc, target) if "train_seconds" in acc else pd.DataFrame()
+    if len(ttt):
+        ttt = ttt.merge(acc[["run_id", "config"]].drop_duplicates(), on="run_id")
+    targets = target_table(ttt, target) if len(ttt) else pd.DataFrame()
+    throughput = throughput_table(df) if "samples_per_s" in df else pd.DataFrame()
+    figs = _figures(df, final, ttt, throughput, rep, target)
+    notes = _notes(df, final, out_dir, problems, meta)
+    env = _environment(meta, set(df["run_id"]))
+
+    summary = table.merge(targets.drop(columns=["max_epochs_run"]), on=["config", "variant"], how="left") if len(targets) else table
+    summary = summary.merge(verdict.drop(columns=["verdict"]).rename(columns={"n": "pairs"}), on="config", how="left") if len(verdict) else summary
+    summary.to_csv(rep / "summary.csv", index=False)
+    table.to_csv(rep / "final_accuracy.csv", index=False)
+    pairs.to_csv(rep / "paired_difference.csv", index=False)
+
     table_show = table
     if len(table):
-        table_show = table.assign(**{"mean ± std": [f"{m:.4f} ± {sd:.4f}" for m, sd in zip(table["mean"], table["std"])]})
+        table_show = table.assign(**{"mean ± std": [f"{m:.4f} ± {sd:.4f}" if np.isfinite(sd) else f"{m:.4f}"
+                                                    for m, sd in zip(table["mean"], table["std"])]})
         table_show = table_show[["config", "variant", "mean ± std", "min", "max", "n", "diverged", "epoch"]]
+    pairs_show = pairs.assign(difference_pp=pairs["difference"] * 100).drop(columns=["difference"])
+    if len(targets):
+        targets = targets.assign(target=targets["target"].map("{:.2%}".format),
+                                 median_epochs=targets["median_epochs"].map(lambda v: f"{v:g}" if np.isfinite(v) else "-"),
+                                 median_seconds=targets["median_seconds"].map(lambda v: f"{v:.1f}" if np.isfinite(v) else "-"))
+    if len(throughput):
+        throughput = throughput.assign(**{c: throughput[c].map("{:,.0f}".format) for c in ("samples_per_s", "min", "max")},
+                                       scaling_efficiency=throughput["scaling_efficiency"].map(lambda v: f"{v:.2f}" if np.isfinite(v) else "-"))
+    sync_note = ("" if "sync_bn" in df and df["sync_bn"].nunique() > 1
+                 else "No runs both with and without --sync-bn here (a sweep with sync_bn = [false, true] and nproc > 1 gives them).")
+    title = f"Results: {out_dir / 'results.jsonl'} ({len(df)} rows, {df['run_id'].nunique()} runs, {df['config'].nunique()} configurations)."
+    sections = [
+        ("Verdict", "list", verdict_lines),
+        ("Final test accuracy per variant", "table", table_show),
+        ("Paired difference per seed (BN - no-BN)", "table", pairs_show),
+        (f"Time to {target:.2%} test accuracy", "table", targets),
+        ("Throughput and scaling", "table", throughput),
+        ("Synchronised BN", "list", [sync_note] if sync_note else []),
+        ("Figures", "figures", figs),
+        ("Missing, failed, diverged, problems", "list", notes or ["none"]),
+        ("Environment", "table", env),
+    ]
+    _write_md(rep, title, sections)
+    _write_html(rep, title, sections)
+    return rep / "report.html"
 
-    md = ["# bnbench report", "", f"Results: `{out_dir / 'results.jsonl'}` ({len(df)} rows, {df['run_id'].nunique()} run(s)).", ""]
-    md += ["## Verdict", "", *[f"- {v}" for v in verdict_lines], ""]
-    md += ["## Final test accuracy per variant", "", _md_table(table_show), ""]
-    md += ["## Paired difference per seed (BN - no-BN)", "", _md_table(pairs_show), ""]
-    md += ["## Figures", ""] + [f"![{cap}]({name})" for name, cap in figs] + [""]
-    md += ["## Missing, diverged, problems", ""] + ([f"- {n}" for n in notes] or ["- none"]) + [""]
-    if len(env_rows):
-        md += ["## Environment", "", _md_table(env_rows), ""]
+
+def _write_md(rep: Path, title: str, sections) -> None:
+    md = ["# bnbench report", "", title, ""]
+    for name, kind, body in sections:
+        if kind == "table" and len(body):
+            md += [f"## {name}", "", _md_table(body), ""]
+        elif kind == "list" and body:
+            md += [f"## {name}", "", *[f"- {x}" for x in body], ""]
+        elif kind == "figures" and body:
+            md += [f"## {name}", "", *[f"![{cap}]({n})" for n, cap in body], ""]
     (rep / "report.md").write_text("\n".join(md))
 
+
+def _write_html(rep: Path, title: str, sections) -> None:
     def img(name: str, cap: str) -> str:
         b64 = base64.b64encode((rep / name).read_bytes()).decode()
-        return f'<figure><img alt="{html.escape(cap)}" src="data:image/png;base64,{b64}"><figcaption>{html.escape(cap)}</figcaption></figure>'
+        return (f'<figure><img alt="{html.escape(cap)}" src="data:image/png;base64,{b64}">'
+                f"<figcaption>{html.escape(cap)}</figcaption></figure>")
 
+    parts = []
+    for name, kind, body in sections:
+        if kind == "table" and len(body):
+            parts.append(f"<h2>{html.escape(name)}</h2>{_html_table(body)}")
+        elif kind == "list" and body:
+            cls = ' class="verdict"' if name == "Verdict" else ""
+            parts.append(f"<h2>{html.escape(name)}</h2><ul{cls}>{''.join(f'<li>{html.escape(x)}</li>' for x in body)}</ul>")
+        elif kind == "figures" and body:
+            parts.append(f"<h2>{html.escape(name)}</h2>{''.join(img(n, c) for n, c in body)}")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>bnbench report</title>
 <style>
@@ -251,16 +438,8 @@ figure{{margin:1em 0}} img{{max-width:100%}} figcaption{{color:#555;font-size:.9
 .verdict li{{font-size:1.1em;margin:.3em 0}}
 </style></head><body>
 <h1>bnbench report</h1>
-<p>Results: <code>{html.escape(str(out_dir / 'results.jsonl'))}</code> ({len(df)} rows, {df['run_id'].nunique()} run(s)).</p>
-<h2>Verdict</h2><ul class="verdict">{''.join(f'<li>{html.escape(v)}</li>' for v in verdict_lines)}</ul>
-<h2>Final test accuracy per variant</h2>{_html_table(table_show)}
-<h2>Paired difference per seed (BN - no-BN)</h2>{_html_table(pairs_show)}
-<h2>Figures</h2>{''.join(img(n, c) for n, c in figs)}
-<h2>Missing, diverged, problems</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes) or '<li>none</li>'}</ul>
-{('<h2>Environment</h2>' + _html_table(env_rows)) if len(env_rows) else ''}
+<p>{html.escape(title)}</p>
+{''.join(parts)}
 </body></html>
 """
     (rep / "report.html").write_text(page)
-    table.to_csv(rep / "final_accuracy.csv", index=False)
-    pairs.to_csv(rep / "paired_difference.csv", index=False)
-    return rep / "report.html"
