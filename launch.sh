@@ -114,8 +114,11 @@ case "$cmd" in
         command -v chromium >/dev/null || missing+=(chromium)
         if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             echo "launch.sh: installing Debian's ${missing[*]} for the tests ..." >&2
-            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >/dev/null 2>&1 ||
-                echo "launch.sh: could not install ${missing[*]}; the tests that need them will fail" >&2
+            apt-get update -qq >/dev/null 2>&1 || true
+            for pkg in "${missing[@]}"; do  # one at a time: one that fails leaves the others installed
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null 2>&1 ||
+                    echo "launch.sh: could not install $pkg; the tests that need it will fail" >&2
+            done
         fi
         exec "$PY" -m pytest tests "$@"
         ;;
