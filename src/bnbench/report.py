@@ -126,13 +126,16 @@ def throughput_table(df: pd.DataFrame) -> pd.DataFrame:
     table = runs.groupby(keys, dropna=False)["samples_per_s"].agg(["median", "min", "max", "count"]).reset_index()
     table = table.rename(columns={"median": "samples_per_s", "min": "min", "max": "max", "count": "runs"})
     base_keys = [k for k in keys if k != "world_size"]
-    one = table[table["world_size"] == 1].set_index(base_keys)["samples_per_s"] if "world_size" in table else None
+    if "world_size" not in table or not base_keys:
+        return table.assign(scaling_efficiency=float("nan"))
+    # Throughput at W / (W x throughput at 1 of the same setting).
+    one = table[table["world_size"] == 1].set_index(base_keys)["samples_per_s"]
     eff = []
     for r in table.to_dict("records"):
         key = tuple(r[k] for k in base_keys) if len(base_keys) > 1 else r[base_keys[0]]
-        ref = one.get(key) if one is not None and key in one.index else None
+        ref = one.get(key) if key in one.index else None
         eff.append(r["samples_per_s"] / (r["world_size"] * ref) if ref else float("nan"))
-    table["scaling_efficiency"] = eff  # throughput at W / (W x throughput at 1)
+    table["scaling_efficiency"] = eff
     return table
 
 

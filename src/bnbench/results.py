@@ -247,12 +247,12 @@ def move_rows_aside(out_dir: str | os.PathLike, select) -> dict[str, int]:
     for run_id, lines in moved.items():
         target = aside / f"{run_id}.jsonl"
         old = target.read_bytes().splitlines(keepends=True) if target.exists() else []
-        _write_atomic(target, b"".join(dict.fromkeys(old + lines)))
-    _write_atomic(path, b"".join(keep))
+        write_atomic(target, b"".join(dict.fromkeys(old + lines)))
+    write_atomic(path, b"".join(keep))
     return {run_id: len(lines) for run_id, lines in moved.items()}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -325,7 +325,7 @@ class ResultsWriter:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def update_meta(out_dir: str | os.PathLike, run_id: str, meta: dict) -> None:

@@ -53,7 +53,7 @@ from .results import (
     RESULTS_FILE,
     FolderLock,
     ResultsProblem,
-    _write_atomic,
+    write_atomic,
     append_lines,
     move_rows_aside,
     read_jsonl,
@@ -572,9 +572,9 @@ def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
         say(f"bnbench: repaired: {message}")
     home = _home_device()
     units = plan(sweep, cuda_available=home == "cuda")
-    _write_atomic(out / PLAN_FILE, (json.dumps({"created": utcnow(), "file": str(sweep.path.resolve()),
+    write_atomic(out / PLAN_FILE, (json.dumps({"created": utcnow(), "file": str(sweep.path.resolve()),
                                                 "units": [u.to_dict() for u in units]}, indent=1) + "\n").encode())
-    _write_atomic(out / "sweep.toml", sweep.text.encode())
+    write_atomic(out / "sweep.toml", sweep.text.encode())
     rows, problems = _rows(out)
     for p in problems:
         say(f"bnbench: warning: {p} (left in place)")
