@@ -231,3 +231,20 @@ def test_throughput_scaling_sync_bn_and_repeats(tmp_path):
     assert "| CPU | 1 | stacked | False | 6 | 100 | 2,500 | 2,000 | 3,000 | 6 | 1.00 |" in section
     assert "| CPU | 2 | stacked | True | 6 | 100 | 1,500 | 1,000 | 2,000 | 6 | 0.30 |" in section
     assert (tmp_path / "report" / "sync_bn.png").exists() and (tmp_path / "report" / "throughput.svg").exists()
+
+
+def test_target_option(tmp_path):
+    import subprocess
+    import sys
+
+    _write(tmp_path, _rows())
+    build_report(tmp_path, target=0.95)
+    md = (tmp_path / "report" / "report.md").read_text()
+    # no-BN: 0.94-0.948 at epoch 1, 0.96-0.968 at epoch 2; 1.5 s of training per epoch.
+    assert "## Time to 95.00% test accuracy" in md and "| nobn | 95.00% | 3/3 | 2 | 3.0 | 2 |" in md
+    from bnbench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must be a test accuracy in"):
+        build_report(tmp_path, target=1.5)
+    p = subprocess.run([sys.executable, "-m", "bnbench", "report", str(tmp_path), "--target", "0.96"], capture_output=True, text=True)
+    assert p.returncode == 0 and "## Time to 96.00% test accuracy" in (tmp_path / "report" / "report.md").read_text()
