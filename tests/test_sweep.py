@@ -218,6 +218,11 @@ def test_folder_lock_exclusive_and_shared(tmp_path):
         with FolderLock(tmp_path) as sweep:
             with pytest.raises(FolderBusy):
                 sweep.exclusive("sweep", wait_s=0.1)
+        a.close()
+        # b's upgrade was refused while a shared the folder; it must still hold its share.
+        with FolderLock(tmp_path) as sweep:
+            with pytest.raises(FolderBusy):
+                sweep.exclusive("sweep", wait_s=0.1)
 
 
 # -- sweeps end to end -------------------------------------------------------------------------

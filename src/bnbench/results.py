@@ -161,7 +161,8 @@ class FolderLock:
         # A shared holder never writes the info: the file names the last exclusive holder.
 
     def try_upgrade(self) -> bool:
-        """Shared -> exclusive if no one else holds the folder (then downgrade with shared())."""
+        """Shared -> exclusive if no one else holds the folder. Either way call shared() after:
+        a refused upgrade may have dropped the shared lock."""
         return self._try(fcntl.LOCK_EX, 0.0)
 
     def is_held(self) -> bool:
@@ -286,14 +287,16 @@ class ResultsWriter:
         if self.lock is not None:
             try:
                 self.lock.shared()
+                if self.lock.try_upgrade():  # alone in the folder: a torn tail can be repaired properly
+                    message = repair_tail(self.dir)
+                    if message:
+                        print(f"bnbench: warning: {message}", file=sys.stderr)
+                # Back to shared. Also after a refused upgrade: Linux drops the shared lock when a
+                # non-blocking upgrade fails (flock(2): conversion is not atomic).
+                self.lock.shared()
             except FolderBusy:
                 self.close()
                 raise
-            if self.lock.try_upgrade():  # alone in the folder: a torn tail can be repaired properly
-                message = repair_tail(self.dir)
-                if message:
-                    print(f"bnbench: warning: {message}", file=sys.stderr)
-                self.lock.shared()
         self._end_torn_line()
 
     def _end_torn_line(self) -> None:
