@@ -219,9 +219,10 @@ def test_folder_lock_exclusive_and_shared(tmp_path):
             with pytest.raises(FolderBusy):
                 sweep.exclusive("sweep", wait_s=0.1)
         a.close()
-        # b's upgrade was refused while a shared the folder; it must still hold its share.
+        # b's upgrade was refused while a shared the folder; it must still hold its share. The
+        # refusal does not name the sweep of before, which has let go.
         with FolderLock(tmp_path) as sweep:
-            with pytest.raises(FolderBusy):
+            with pytest.raises(FolderBusy, match="in use by bnbench run"):
                 sweep.exclusive("sweep", wait_s=0.1)
 
 

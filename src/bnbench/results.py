@@ -118,6 +118,7 @@ class FolderLock:
         self.dir = Path(out_dir)
         self.path = self.dir / LOCK_FILE
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.owner = False
 
     def _try(self, mode: int, wait_s: float) -> bool:
         import time
@@ -138,8 +139,9 @@ class FolderLock:
             info = json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError):
             info = {}
-        if not info:
-            return "another bnbench process"
+        if not info or (info.get("host") == socket.gethostname() and not _alive(info.get("pid"))):
+            # The file names the last exclusive holder; if that one is gone, plain runs share the folder.
+            return "bnbench run(s) writing into it"
         return f"bnbench {info.get('command', 'sweep')} (pid {info.get('pid')} on {info.get('host')}, since {info.get('since')})"
 
     def _busy(self) -> FolderBusy:
@@ -154,6 +156,7 @@ class FolderLock:
         info = {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "since": utcnow()}
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        self.owner = True
 
     def shared(self, wait_s: float = 5.0) -> None:
         if not self._try(fcntl.LOCK_SH, wait_s):
@@ -174,6 +177,8 @@ class FolderLock:
 
     def close(self) -> None:
         if self.fd >= 0:
+            if self.owner:
+                os.ftruncate(self.fd, 0)  # no longer anyone's: the next refusal must not name us
             os.close(self.fd)  # releases the flock
             self.fd = -1
 
@@ -182,6 +187,16 @@ class FolderLock:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # someone else's live process
 
 
 def repair_tail(out_dir: str | os.PathLike) -> str | None:
