@@ -473,7 +473,7 @@ lr = [1e-3, 1e-2, 3e-2]
     work = time.time() - (clean / "plan.json").stat().st_mtime
     unit_s = [e["seconds"] for e in events(clean) if e["event"] == "done"]
     per_unit = sorted(unit_s)[len(unit_s) // 2]
-    warm_up = work - per_unit * len(unit_s)  # data load, the first optimizer importing torch._dynamo, exit
+    warm_up = max(0.0, work - per_unit * len(unit_s))  # data load, the first optimizer importing torch._dynamo, exit
 
     out = tmp_path / "killed"
     finished = []
@@ -485,14 +485,18 @@ lr = [1e-3, 1e-2, 3e-2]
         left = 6 - (len(read_results(out)[0]) // 4 if (out / "results.jsonl").exists() else 0)
         plan_time = (out / "plan.json").stat().st_mtime if (out / "plan.json").exists() else 0
         proc = sweep_cli("sweep", path, "--out", out, "--quiet", tmp=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Once this attempt has planned (start-up done), kill it at a random moment of the work it has left.
-        while proc.poll() is None and not ((out / "plan.json").exists() and (out / "plan.json").stat().st_mtime > plan_time):
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, warm_up + left * per_unit))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+        try:
+            # Once this attempt has planned (start-up done), kill it at a random moment of the work it has left.
+            while proc.poll() is None and not ((out / "plan.json").exists() and (out / "plan.json").stat().st_mtime > plan_time):
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, max(0.5, warm_up + left * per_unit)))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        finally:
+            if proc.poll() is None:  # killed above, or the test itself failed: no sweep outlives it
+                proc.kill()
+            proc.wait()
         if proc.returncode == 0:  # it finished first: check it, and start over so that kills land on work
             finished.append(out)
             out = tmp_path / f"killed{attempts}"
