@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError
-from .results import META_FILE, ResultsProblem, read_jsonl, read_results
+from .results import META_FILE, ResultsProblem, read_events, read_results
 from .stats import MIN_PAIRS, describe_p, mean_ci95, paired_test, time_to_target
 
 DEFAULT_TARGET = 0.97  # test accuracy for time-to-target (MLPerf / DAWNBench style)
@@ -293,14 +293,9 @@ def _notes(df, final, out_dir: Path, problems: list[str], meta: dict) -> list[st
     for rid, m in meta.items():
         if rid in run_ids and m.get("status") not in ("complete", None):
             notes.append(f"run {rid}: status {m['status']}" + (f" ({m['error']})" if m.get("error") else ""))
-    events = out_dir / "units.jsonl"
-    if events.exists():  # a sweep: the units that failed, with their reasons
-        last = {}
-        for e in read_jsonl(events)[0]:
-            last[e.get("unit")] = e
-        for e in last.values():
-            if e.get("event") == "failed":
-                notes.append(f"sweep unit {e.get('index')} ({e.get('label')}) failed: {e.get('reason')}")
+    for e in read_events(out_dir)[0].values():  # a sweep: the units that failed, with their reasons
+        if e.get("event") == "failed":
+            notes.append(f"sweep unit {e.get('index')} ({e.get('label')}) failed: {e.get('reason')}")
     return notes
 
 

@@ -29,6 +29,7 @@ RESULTS_FILE = "results.jsonl"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
 TORN_LOG = "torn.log"
+EVENTS_FILE = "units.jsonl"  # a sweep's record of each unit: start / done / failed / interrupted
 SUPERSEDED_DIR = "superseded"
 
 # The row schema: column -> meaning. The README's table is this dict.
@@ -463,3 +464,12 @@ def read_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
         raise ResultsProblem(f"no {RESULTS_FILE} in {out_dir}")
     rows, problems = read_jsonl(path)
     return pd.DataFrame(rows), problems
+
+
+def read_events(out_dir: str | os.PathLike) -> tuple[dict[str, dict], list[str]]:
+    """The last event of each unit of a sweep (DIR/units.jsonl), and that file's problems."""
+    path = Path(out_dir) / EVENTS_FILE
+    if not path.exists():
+        return {}, []
+    events, problems = read_jsonl(path)
+    return {e.get("unit"): e for e in events}, problems

@@ -49,6 +49,7 @@ from .config import (
     parse_seeds,
 )
 from .results import (
+    EVENTS_FILE,
     META_FILE,
     RESULTS_FILE,
     FolderLock,
@@ -56,7 +57,7 @@ from .results import (
     write_atomic,
     append_lines,
     move_rows_aside,
-    read_jsonl,
+    read_events,
     read_results,
     repair_tail,
     update_meta,
@@ -64,7 +65,6 @@ from .results import (
 )
 
 PLAN_FILE = "plan.json"
-EVENTS_FILE = "units.jsonl"
 DEVICES = ("auto", "cpu", "cuda")
 
 # [sweep] keys: how the sweep runs, not what a unit computes.
@@ -122,6 +122,13 @@ class Sweep:
         return Path(self.settings.get("out") or Path("runs") / self.path.stem)
 
 
+def _is(kind: str, value) -> bool:
+    """Whether a TOML value is of a scalar kind (a bool is not a number here)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {"str": isinstance(value, str), "int": number and isinstance(value, int), "float": number,
+            "bool": isinstance(value, bool)}[kind]
+
+
 def _check_value(where: str, key: str, value):
     """value in its canonical Python type, or a ConfigError naming where it is."""
     kind = OPTION_KEYS[key]
@@ -136,13 +143,7 @@ def _check_value(where: str, key: str, value):
         if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where}: expected {_DESCRIBE[kind]}, {got}")
         return tuple(value)
-    ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-    }[kind]
-    if not ok:
+    if not _is(kind, value):
         raise ConfigError(f"{where}: expected {_DESCRIBE[kind]}, {got}")
     if key == "device" and value not in DEVICES:
         raise ConfigError(f"{where}: unknown device {value!r}; valid: {', '.join(DEVICES)}")
@@ -180,9 +181,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         if key not in SWEEP_KEYS:
             raise _unknown("sweep", key, list(SWEEP_KEYS))
         kind = SWEEP_KEYS[key]
-        ok = {"str": isinstance(value, str), "int": isinstance(value, int) and not isinstance(value, bool) and value > 0,
-              "float": isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}[kind]
-        if not ok:
+        if not (_is(kind, value) and (kind == "str" or value > 0)):
             want = "a string" if kind == "str" else f"a positive {'integer' if kind == 'int' else 'number'}"
             raise ConfigError(f"sweep.{key}: expected {want}, got {value!r}")
         settings[key] = value
@@ -293,7 +292,7 @@ def _settle(unit: Unit, base: Config | None, seeds: tuple, repeat: int, cuda_ava
 
 # -- what is done ---------------------------------------------------------------------
 def done_units(rows, units: list[Unit]) -> dict[str, dict]:
-    """Units whose every row is in results.jsonl from one run -> {run_id, diverged members}."""
+    """Units whose every row is in results.jsonl from one run -> {run_id, diverged, members, all_diverged}."""
     want = {u.id: u for u in units if u.config is not None}
     if rows.empty or "unit" not in rows.columns:
         return {}
@@ -305,20 +304,9 @@ def done_units(rows, units: list[Unit]) -> dict[str, dict]:
         if len(cells) == u.expected_rows:
             last = g[g["epoch"] == u.config.epochs]
             n_div = int(last["diverged"].fillna(False).astype(bool).sum()) if "diverged" in last else 0
-            done.setdefault(unit_id, {"run_id": run_id, "diverged": n_div, "members": len(last)})
+            done.setdefault(unit_id, {"run_id": run_id, "diverged": n_div, "members": len(last),
+                                      "all_diverged": n_div == len(last)})
     return done
-
-
-def read_events(out: Path) -> tuple[dict[str, dict], list[str]]:
-    """The last event of each unit from units.jsonl, and that file's problems."""
-    path = out / EVENTS_FILE
-    if not path.exists():
-        return {}, []
-    events, problems = read_jsonl(path)
-    last = {}
-    for e in events:
-        last[e.get("unit")] = e
-    return last, problems
 
 
 # -- running ----------------------------------------------------------------------------
@@ -406,7 +394,7 @@ class Runner:
     """Runs units into one folder the caller holds exclusively, recording what happens to each."""
 
     def __init__(self, out: Path, settings: dict, data_root, progress: Progress):
-        self.out, self.settings, self.progress = out, settings, progress
+        self.out, self.progress = out, progress
         self.data_root = data_root or settings.get("data_root")
         self.timeout = float(settings.get("dist_timeout", 600.0))
         self.events = os.open(out / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -445,11 +433,11 @@ class Runner:
             self.record(unit, "failed", reason=reason, seconds=seconds)
             self.progress.end("failed", reason)
             return "failed"
-        all_diverged = done["diverged"] == done["members"]
         self.record(unit, "done", run_id=done["run_id"], seconds=seconds, diverged_members=done["diverged"])
         note = f"{done['diverged']}/{done['members']} members diverged, " if done["diverged"] else ""
-        self.progress.end("diverged" if all_diverged else "done", f"{note}{seconds:.1f} s")
-        return "diverged" if all_diverged else "done"
+        state = "diverged" if done["all_diverged"] else "done"
+        self.progress.end(state, f"{note}{seconds:.1f} s")
+        return state
 
     def _in_process(self, unit: Unit) -> str | None:
         import torch
@@ -497,10 +485,11 @@ class Runner:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
                                     preexec_fn=lambda: die_with_parent(signal.SIGKILL, parent))
             try:
-                seen = 0
+                results = self.out / RESULTS_FILE
+                offset = results.stat().st_size if results.exists() else 0
                 while proc.poll() is None:
                     time.sleep(0.5)
-                    seen = self._poll_epochs(unit, seen)
+                    offset = self._poll_epochs(unit, offset)
             except KeyboardInterrupt:
                 proc.send_signal(signal.SIGTERM)  # the launcher passes it on to its ranks
                 try:
@@ -529,12 +518,27 @@ class Runner:
                     pass  # a torn line: the reader reports it
         return rows
 
-    def _poll_epochs(self, unit: Unit, seen: int) -> int:
-        """Epochs a launched unit has written so far (rank 0 appends each epoch's rows)."""
-        latest = max((r.get("epoch", 0) for r in self._rows_of(unit)), default=0)
-        if latest > seen:
-            self.progress.epoch(latest)
-        return max(seen, latest)
+    def _poll_epochs(self, unit: Unit, offset: int) -> int:
+        """Report the epochs a launched unit appended after `offset` (rank 0 writes each epoch's
+        rows); return the offset after the last whole line read."""
+        try:
+            with open(self.out / RESULTS_FILE, "rb") as f:
+                f.seek(offset)
+                new = f.read()
+        except OSError:
+            return offset
+        whole = new[: new.rfind(b"\n") + 1]
+        needle = f'"unit": "{unit.id}"'.encode()
+        epochs = []
+        for line in whole.splitlines():
+            if needle in line:
+                try:
+                    epochs.append(json.loads(line).get("epoch", 0))
+                except ValueError:
+                    pass  # not ours to judge here: the reader reports bad lines
+        if epochs:
+            self.progress.epoch(max(epochs))
+        return offset + len(whole)
 
     def close(self) -> None:
         os.close(self.events)
@@ -597,8 +601,7 @@ def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
         runner.close()
         progress.close()
     failed = [u for u in todo if outcome[u.id] == "failed"]
-    diverged = [u for u in units if outcome.get(u.id) == "diverged"
-                or (u.id in done and done[u.id]["diverged"] == done[u.id]["members"])]
+    diverged = [u for u in units if outcome.get(u.id) == "diverged" or done.get(u.id, {}).get("all_diverged")]
     ran = sum(outcome[u.id] != "failed" for u in todo)
     print(f"sweep {out}: {len(done) + ran} of {len(units)} units done ({ran} now), {len(failed)} failed, "
           f"{len(diverged)} with every member diverged")
@@ -624,16 +627,15 @@ def unit_table(out: Path, units: list[Unit], running: bool):
     rows, problems = _rows(out)
     events, event_problems = read_events(out)
     done = done_units(rows, units)
+    recorded = rows.groupby("unit")["epoch"].max() if "unit" in rows else pd.Series(dtype=float)
     table = []
     for u in units:
         last = events.get(u.id, {})
-        epochs = 0
-        if u.config is not None and not rows.empty and "unit" in rows.columns:
-            epochs = int(rows.loc[rows["unit"] == u.id, "epoch"].max()) if (rows["unit"] == u.id).any() else 0
+        epochs = int(recorded.get(u.id, 0))
         if u.id in done:
             d = done[u.id]
-            state, detail = ("diverged" if d["diverged"] == d["members"] else "done"), (
-                f"{d['diverged']}/{d['members']} diverged" if d["diverged"] else "")
+            state = "diverged" if d["all_diverged"] else "done"
+            detail = f"{d['diverged']}/{d['members']} diverged" if d["diverged"] else ""
         elif u.error is not None or last.get("event") == "failed":
             state, detail = "failed", last.get("reason", u.error)
         elif last.get("event") == "start" and running:
