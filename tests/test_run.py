@@ -48,16 +48,16 @@ def test_results_schema_and_meta(tmp_path, accelerator, mnist_cpu):
 
 def test_rows_are_on_disk_as_each_epoch_completes(tmp_path, accelerator, mnist_cpu, monkeypatch):
     splits = subset(mnist_cpu["float32"], 1000, 100)
-    original = Trainer.train_epoch
+    original = Trainer.train_steps
 
-    def crash_in_epoch_3(self, epoch, on_step=None):
-        if epoch == 3:
+    def crash_in_epoch_3(self, stop, on_step=None):
+        if self.steps_done == 2 * self.steps_per_epoch():
             # Rows of epochs 1-2 must already be durable when epoch 3 dies.
             assert len(read_results(tmp_path)[0]) == 2 * 2 * 2
             raise KeyboardInterrupt
-        return original(self, epoch, on_step)
+        return original(self, stop, on_step)
 
-    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_3)
+    monkeypatch.setattr(Trainer, "train_steps", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         _run(make_config(seeds=(0, 1), epochs=5), tmp_path, splits, accelerator)
     df, problems = read_results(tmp_path)

@@ -139,7 +139,9 @@ def test_unit_id_covers_what_changes_results():
     assert make_config(cpu=True).unit_id(1, "cpu", "2.14.1") == uid
     changed = [make_config(lr=2e-3), make_config(seeds=(0, 1)), make_config(epochs=3), make_config(sync_bn=True),
                make_config(dtype="float64"), make_config(hidden=(64,)), make_config(per_device_batch=100),
-               make_config(repeat=1), make_config(engine="reference"), make_config(dataset="fashion-mnist")]
+               make_config(repeat=1), make_config(engine="reference"), make_config(dataset="fashion-mnist"),
+               make_config(bn_drop_bias=True), make_config(eval_every=100), make_config(instrument=True),
+               make_config(instrument=True, instrument_every=10), make_config(instrument=True, ics_etas=(0.1,))]
     ids = {c.unit_id(1, "cpu", "2.14.1") for c in changed} | {base.unit_id(2, "cpu", "2.14.1"),
                                                                base.unit_id(1, "cuda", "2.14.1"), base.unit_id(1, "cpu", "2.15.0")}
     assert uid not in ids and len(ids) == len(changed) + 3
@@ -149,13 +151,18 @@ def test_unit_id_covers_what_changes_results():
     {}, dict(optimizer="sgd", lr=0.1, momentum=0.9, per_device_batch=50, sync_bn=True, repeat=2),
     dict(hidden=(100, 100, 100), activation="sigmoid", seeds=(3, 7), variants=("nobn",), engine="reference",
          dtype="float64", cpu=True, compile=True, tf32=True, eval_batch=1000, lr=1 / 3, dataset="fashion-mnist"),
+    dict(preset="ioffe2015", instrument=True, instrument_every=7, ics_every=30, ics_etas=(0.01, 1 / 3), eval_every=250),
+    dict(preset="deep", bn_drop_bias=False, eval_every=1000),
 ])
 def test_run_argv_rebuilds_the_config(overrides):
+    import dataclasses
+
+    from bnbench.config import Config
+
     cfg = make_config(**overrides)
     args = cli.build_parser().parse_args(["run", *run_argv(cfg)])
-    again = make_config(args.preset, **{k: getattr(args, k) for k in (
-        "dataset", "epochs", "batch_size", "per_device_batch", "lr", "hidden", "activation", "optimizer", "momentum",
-        "seeds", "variants", "engine", "dtype", "sync_bn", "cpu", "compile", "tf32", "eval_batch", "repeat")})
+    # Every field but the preset's name comes back from the options alone.
+    again = make_config(args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name != "preset"})
     assert again == cfg
 
 

@@ -33,6 +33,7 @@ from .config import (
     launched_rank,
     launched_world,
     make_config,
+    parse_float_list,
     parse_int_list,
     parse_list,
     parse_seeds,
@@ -105,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tf32", action="store_true", default=None, help="allow TF32 matmuls on the GPU (default off, for comparability)")
     r.add_argument("--eval-batch", type=_positive_int, help="samples per evaluation chunk (memory only; default 10000)")
     r.add_argument("--repeat", type=_wrap(_non_negative_int), help="index of a repeated launch of the same config (recorded; default 0)")
+    r.add_argument("--bn-drop-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="no Linear bias before BN: BN's shift replaces it (presets ioffe2015, deep: on; seed: off)")
+    r.add_argument("--eval-every", type=_positive_int, metavar="STEPS",
+                   help="evaluate and write rows every STEPS steps instead of every epoch")
+    ins = r.add_argument_group("instruments", "what BN changes inside the network, to DIR/instruments.jsonl; "
+                               "training is bitwise the same with them on; one process only")
+    ins.add_argument("--instrument", action="store_true", default=None,
+                     help="record per-layer gradient norms, pre-activation percentiles and ICS measures")
+    ins.add_argument("--instrument-every", type=_positive_int, metavar="N",
+                     help="steps between gradient-norm and percentile records (default 100)")
+    ins.add_argument("--ics-every", type=_positive_int, metavar="M",
+                     help="steps between Santurkar et al. ICS and gradient-predictiveness measures (default 1000)")
+    ins.add_argument("--ics-etas", type=_wrap(lambda t: parse_float_list(t, "--ics-etas")), metavar="ETAS",
+                     help="step sizes along the gradient for predictiveness (default 0.05,0.1,0.2,0.4)")
     r.add_argument("--data-root", help="folder with the four IDX files (default: $BNBENCH_DATA_ROOT, the cache, a download)")
     r.add_argument("--out", help="results folder (default runs/<UTC time>)")
     r.add_argument("--report", action="store_true", help="build the report when the run completes")
@@ -168,6 +183,12 @@ def cmd_run(a) -> int:
         tf32=a.tf32,
         eval_batch=a.eval_batch,
         repeat=a.repeat,
+        bn_drop_bias=a.bn_drop_bias,
+        eval_every=a.eval_every,
+        instrument=a.instrument,
+        instrument_every=a.instrument_every,
+        ics_every=a.ics_every,
+        ics_etas=a.ics_etas,
     )
     out = Path(a.out or f"runs/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
     child = bool(os.environ.get(SWEEP_CHILD_ENV))

@@ -23,6 +23,11 @@ DTYPES = ("float32", "float64")
 # Part of every unit's identity: bump it when a change to bnbench alters any number a
 # run records (not for refactors), so that sweeps rerun what the change affects.
 TRAINING_CODE_VERSION = 1
+# Fields added after the first release enter a unit's id only when they differ from these
+# defaults: a unit that does not use them keeps its id, and sweeps already done stay done.
+LATER_FIELDS = {"bn_drop_bias": False, "eval_every": None, "instrument": False, "instrument_every": 100,
+                "ics_every": 1000, "ics_etas": (0.05, 0.1, 0.2, 0.4)}
+TRAIN_SAMPLES = 60_000  # MNIST and Fashion-MNIST alike: steps per epoch = this // global batch
 
 # Presets are plain dicts of Config fields; the CLI overrides any of them.
 PRESETS: dict[str, dict] = {
@@ -36,6 +41,38 @@ PRESETS: dict[str, dict] = {
         momentum=0.0,  # SGD only
         batch_size=100,  # global mini-batch, samples
         epochs=15,  # full passes over the 60,000 training images
+        seeds=(0, 1, 2, 3, 4),
+    ),
+    # Ioffe & Szegedy (2015), section 4.1, Figure 1: 3 hidden layers of 100 sigmoid units, BN
+    # before each nonlinearity with the Linear bias dropped (BN's shift beta replaces it), batch 60,
+    # 50,000 steps. The paper does not name its optimizer: plain SGD at lr 1.0, the best rate for the
+    # no-BN net (tied with 2.0) in reports/ioffe2015/lr_scan.toml, so that BN's lead is not bought
+    # with a starved baseline. At 0.05 the no-BN net is still at chance after 5,000 steps.
+    "ioffe2015": dict(
+        dataset="mnist",
+        hidden=(100, 100, 100),
+        activation="sigmoid",
+        bn_drop_bias=True,
+        optimizer="sgd",
+        lr=1.0,
+        momentum=0.0,
+        batch_size=60,
+        epochs=50,  # x 1,000 steps of 60 = 50,000 steps
+        eval_every=500,  # steps per evaluation window: 100 points on the accuracy curve
+        seeds=(0, 1, 2, 3, 4),
+    ),
+    # Gradients vanishing with depth: 10 sigmoid layers of 100, otherwise as ioffe2015, 10,000 steps.
+    "deep": dict(
+        dataset="mnist",
+        hidden=(100,) * 10,
+        activation="sigmoid",
+        bn_drop_bias=True,
+        optimizer="sgd",
+        lr=1.0,
+        momentum=0.0,
+        batch_size=60,
+        epochs=10,  # x 1,000 steps = 10,000 steps
+        eval_every=500,
         seeds=(0, 1, 2, 3, 4),
     ),
 }
@@ -111,12 +148,21 @@ class Config:
     tf32: bool = False  # TF32 matmuls on Ampere+ GPUs: faster, ~1e-3 relative error; off for comparability
     eval_batch: int = 10_000  # samples per evaluation chunk (memory only, not the result)
     repeat: int = 0  # index of a repeated launch of this config: identity only (throughput spread)
+    bn_drop_bias: bool = False  # BN members' hidden Linears have no bias: BN's shift replaces it
+    eval_every: int | None = None  # steps per evaluation window; None: once per epoch
+    # Instruments (instruments.py): measured on the side, training itself is bitwise unchanged.
+    instrument: bool = False  # record gradient norms, pre-activation percentiles, ICS measures
+    instrument_every: int = 100  # steps between gradient-norm and percentile records
+    ics_every: int = 1000  # steps between the (costlier) Santurkar et al. measures
+    ics_etas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # step sizes along -gradient for predictiveness
 
     def __post_init__(self):
         # One spelling per value, so that equal configs hash equal (lr 1 is lr 1.0; lists are tuples).
-        for name in ("hidden", "seeds", "variants"):
+        for name in ("hidden", "seeds", "variants", "ics_etas"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "ics_etas", tuple(
+            float(e) if isinstance(e, int) and not isinstance(e, bool) else e for e in self.ics_etas))
         for name in ("lr", "momentum"):
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
@@ -128,6 +174,7 @@ class Config:
         d["hidden"] = list(self.hidden)
         d["seeds"] = list(self.seeds)
         d["variants"] = list(self.variants)
+        d["ics_etas"] = list(self.ics_etas)
         return d
 
     def unit_id(self, world_size: int, device_kind: str, torch_version: str) -> str:
@@ -137,7 +184,8 @@ class Config:
         values are), nor is `cpu` (the device kind is). Stable across processes and
         machines: sweeps use it to skip what is done.
         """
-        fields = {k: v for k, v in self.to_dict().items() if k not in ("preset", "cpu")}
+        fields = {k: v for k, v in self.to_dict().items() if k not in ("preset", "cpu")
+                  and not (k in LATER_FIELDS and getattr(self, k) == LATER_FIELDS[k])}
         ident = {"config": fields, "world_size": world_size, "device": device_kind,
                  "torch": torch_version, "training_code": TRAINING_CODE_VERSION}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -152,6 +200,14 @@ class Config:
                 f"use a multiple of {world_size}, or --per-device-batch"
             )
         return self.batch_size
+
+    def eval_steps(self, world_size: int, train_samples: int = TRAIN_SAMPLES) -> list[int]:
+        """The steps after which a run evaluates and writes rows: every epoch's end, or every
+        eval_every steps and the last step."""
+        per_epoch = train_samples // self.global_batch(world_size)
+        total = self.epochs * per_epoch
+        every = self.eval_every or per_epoch
+        return sorted({*range(every, total + 1, every), total})
 
     @property
     def layer_sizes(self) -> tuple[int, ...]:
@@ -178,9 +234,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"variant listed twice in {','.join(cfg.variants)}")
     if (cfg.batch_size is None) == (cfg.per_device_batch is None):
         raise ConfigError("give the global --batch-size or --per-device-batch, not both")
-    for name in ("batch_size", "per_device_batch", "epochs", "eval_batch"):
+    for name in ("batch_size", "per_device_batch", "epochs", "eval_batch", "eval_every", "instrument_every", "ics_every"):
         value = getattr(cfg, name)
-        if value is None and name in ("batch_size", "per_device_batch"):
+        if value is None and name in ("batch_size", "per_device_batch", "eval_every"):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -194,6 +250,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"momentum applies to --optimizer sgd only, not {cfg.optimizer}")
     if not cfg.hidden or any((not isinstance(h, int)) or h <= 0 for h in cfg.hidden):
         raise ConfigError(f"hidden must be one or more positive layer widths, got {cfg.hidden!r}")
+    if not cfg.ics_etas or not all(isinstance(e, float) and 0 < e < float("inf") for e in cfg.ics_etas):
+        raise ConfigError(f"ics_etas must be one or more positive finite step sizes, got {cfg.ics_etas!r}")
     if not cfg.seeds:
         raise ConfigError("no seeds given")
     if len(set(cfg.seeds)) != len(cfg.seeds):
@@ -234,6 +292,13 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     except ValueError:
         raise ConfigError(f"malformed {what} {text!r}: expected comma-separated integers, e.g. 32,32") from None
     return values
+
+
+def parse_float_list(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"malformed {what} {text!r}: expected comma-separated numbers, e.g. 0.05,0.1") from None
 
 
 def parse_list(text: str) -> tuple[str, ...]:

@@ -83,6 +83,7 @@ class Unit:
     optimizer: torch.optim.Optimizer
     net: nn.Module  # the bare module: evaluation, state, buffers
     losses: Callable  # (model, xb, yb) -> [members] losses; torch.compile'd with --compile
+    eager_losses: Callable  # the same, never compiled (instruments call it with other weights)
 
 
 class Trainer:
@@ -102,6 +103,10 @@ class Trainer:
         bn_batch = self.batch if cfg.sync_bn else self.local_batch
         if "bn" in cfg.variants and bn_batch < 2:
             raise ConfigError(f"BatchNorm needs at least 2 samples per batch; it would see {bn_batch}")
+        if cfg.instrument and world_size > 1:
+            # Its extra forwards and backwards would have to run in lock-step on every rank.
+            raise ConfigError(f"--instrument measures in one process; this launch has {world_size}. "
+                              "Launch it without --nproc / several processes.")
         # Any process group (even of one process, as in bench/) runs the cross-process path.
         self.sync_bn = cfg.sync_bn and dist.is_initialized()
         self.backend = backend_name()
@@ -112,15 +117,21 @@ class Trainer:
         for vi, v in enumerate(cfg.variants):
             base = vi * len(seeds)
             if cfg.engine == "stacked":
-                net = StackedMLP([inits[s] for s in seeds], bn=(v == "bn"), activation=cfg.activation, sync_bn=self.sync_bn)
+                net = StackedMLP([inits[s] for s in seeds], bn=(v == "bn"), activation=cfg.activation,
+                                 sync_bn=self.sync_bn, drop_bias=cfg.bn_drop_bias)
                 self._add(v, slice(base, base + len(seeds)), net, stacked_losses, fused=True)
             else:
                 for j, s in enumerate(seeds):
-                    net = reference_mlp(inits[s], bn=(v == "bn"), activation=cfg.activation)
+                    net = reference_mlp(inits[s], bn=(v == "bn"), activation=cfg.activation, drop_bias=cfg.bn_drop_bias)
                     if self.sync_bn and v == "bn":
                         net = convert_sync_bn(net, self.backend)
                     self._add(v, slice(base + j, base + j + 1), net, partial(reference_losses, j), fused=False)
         self.steps_done = 0
+        self.instruments = None
+        if cfg.instrument:
+            from .instruments import Instruments
+
+            self.instruments = Instruments(cfg, self.members, splits.test_x, sync=self._sync)
         self.diverged = torch.zeros(len(self.members), dtype=torch.bool)
         self.diverged_epoch: list[int | None] = [None] * len(self.members)
 
@@ -132,9 +143,10 @@ class Trainer:
             # in favour of forward_sync_buffers; both skip the per-step buffer broadcast we avoid.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
             model, opt = self.accelerator.prepare(net, opt)  # DDP when world size > 1
+        eager = losses
         if self.cfg.compile:
             losses = torch.compile(losses)
-        self.units.append(Unit(variant, members, model, opt, self.accelerator.unwrap_model(model), losses))
+        self.units.append(Unit(variant, members, model, opt, self.accelerator.unwrap_model(model), losses, eager))
 
     def warm_up(self) -> float:
         """With --compile: compile every unit's forward and backward on the first batch, then
@@ -179,42 +191,60 @@ class Trainer:
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor, loss_sum: torch.Tensor) -> None:
         """One optimizer step of every member; adds each member's batch loss to loss_sum (on the device)."""
+        probe = self.instruments
         for u in self.units:
             u.optimizer.zero_grad(set_to_none=True)
             losses = u.losses(u.model, xb, yb)
             # Summing member losses keeps each member's gradient its own.
             self.accelerator.backward(losses.sum())
+            if probe is not None:
+                probe.before_step(u, xb, yb, self.steps_done)
             u.optimizer.step()
+            if probe is not None:
+                probe.after_step(u, xb, yb, self.steps_done)
             loss_sum[u.members] += losses.detach()
 
-    def train_epoch(self, epoch: int, on_step=None) -> tuple[torch.Tensor, float]:
-        """One epoch for every member. Returns (mean mini-batch loss per member, seconds).
+    def train_steps(self, stop: int, on_step=None) -> tuple[torch.Tensor, float]:
+        """Step every member from step self.steps_done up to `stop` (a window of an epoch or
+        across epochs). Returns (mean mini-batch loss per member over the window, seconds).
 
-        Every rank draws the same permutation; rank r takes [r*b, (r+1)*b) of each
-        global batch of B = W*b samples, so ranks see disjoint slices that together
-        are exactly the one-process batch.
+        Global step g is step g % S of epoch g // S + 1 (S steps per epoch). Every rank draws
+        the same permutation; rank r takes [r*b, (r+1)*b) of each global batch of B = W*b
+        samples, so ranks see disjoint slices that together are exactly the one-process batch.
+        Instruments' time is taken out of the seconds.
         """
-        steps = self.steps_per_epoch()
+        start, per_epoch = self.steps_done, self.steps_per_epoch()
         # Accumulated on the device: no host synchronisation inside the step loop.
         loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=self.device)
         for u in self.units:
             u.model.train()
+        measured = self.instruments.seconds if self.instruments else 0.0
         self._sync()
         t0 = time.perf_counter()
-        order = self.epoch_order(epoch)  # shuffling is part of an epoch's cost, as in a DataLoader
-        for t in range(steps):
-            self.step(*self.gather(order, t), loss_sum)
+        order_of = (None, None)
+        for g in range(start, stop):
+            epoch, t = g // per_epoch + 1, g % per_epoch
+            if order_of[0] != epoch:  # shuffling is part of an epoch's cost, as in a DataLoader
+                order_of = (epoch, self.epoch_order(epoch))
+            self.step(*self.gather(order_of[1], t), loss_sum)
+            self.steps_done = g + 1
             if on_step is not None:
-                on_step(t + 1)
+                on_step(g + 1 - start)
         # Equal slices: the mean of the ranks' slice losses is the global-batch loss.
         all_reduce_sum(loss_sum)
         if not self.sync_bn:
             # Each rank's BN running statistics followed its own slice: from here on, all hold rank 0's.
             broadcast_buffers([u.net for u in self.units])
         self._sync()
-        seconds = time.perf_counter() - t0
-        self.steps_done += steps
-        return (loss_sum / (steps * self.world_size)).cpu(), seconds
+        seconds = time.perf_counter() - t0 - ((self.instruments.seconds - measured) if self.instruments else 0.0)
+        return (loss_sum / ((stop - start) * self.world_size)).cpu(), seconds
+
+    def train_epoch(self, epoch: int, on_step=None) -> tuple[torch.Tensor, float]:
+        """Epoch `epoch` for every member (the next one): train_steps to its last step."""
+        per_epoch = self.steps_per_epoch()
+        if self.steps_done != (epoch - 1) * per_epoch:
+            raise ValueError(f"epoch {epoch} starts at step {(epoch - 1) * per_epoch}; {self.steps_done} steps are done")
+        return self.train_steps(epoch * per_epoch, on_step)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -320,6 +350,8 @@ def static_fields(cfg: Config, run_id: str, trainer: Trainer, device: str, dev_n
         "world_size": trainer.world_size,
         "backend": trainer.backend,
         "sync_bn": cfg.sync_bn,
+        "bn_drop_bias": cfg.bn_drop_bias,
+        "eval_every": cfg.eval_every,
         "compile": cfg.compile,
         "tf32": cfg.tf32,
         "members": len(trainer.members),
@@ -338,12 +370,12 @@ def peak_memory(device: torch.device) -> dict:
     return {"peak_rss_mb": round(rss, 1), "peak_gpu_mb": None if gpu is None else round(gpu, 1)}
 
 
-def epoch_rows(trainer: Trainer, static: dict, epoch: int, running, seconds: float, train, test) -> list[dict]:
-    """One row per member; a diverged member's metrics are None (null in JSON)."""
+def epoch_rows(trainer: Trainer, static: dict, epoch, running, seconds: float, train, test, steps: int) -> list[dict]:
+    """One row per member after a window of `steps` steps; a diverged member's metrics are None (null in JSON)."""
     from .results import utcnow
 
     (train_loss, train_correct, train_total), (test_loss, test_correct, test_total) = train, test
-    throughput = len(trainer.members) * trainer.steps_per_epoch() * trainer.batch / seconds
+    throughput = len(trainer.members) * steps * trainer.batch / seconds
     memory = peak_memory(trainer.device)
     now = utcnow()
     rows = []
@@ -422,7 +454,7 @@ def training_function(
     from tqdm.auto import tqdm
 
     from . import data
-    from .results import ResultsWriter, environment, update_meta, utcnow
+    from .results import INSTRUMENTS_FILE, ResultsWriter, environment, update_meta, utcnow
 
     main = launched_rank() == 0
     writer = ResultsWriter(out_dir, hold_lock=hold_lock) if main else None
@@ -465,30 +497,41 @@ def training_function(
                 f"{f' ({trainer.local_batch}/process)' if world_size > 1 else ''}"
                 f"{', sync BN' if trainer.sync_bn else ''}, {where}{dev} ({dev_name})"
             )
-        steps = trainer.steps_per_epoch()
-        tick = max(1, steps // 100)  # progress updates: ~100 per epoch, not one per step
+        per_epoch = trainer.steps_per_epoch()
+        stops = cfg.eval_steps(world_size, int(splits.train_x.shape[0]))  # the evaluation points
+        tick = max(1, per_epoch // 100)  # progress updates: ~100 per epoch, not one per step
         # One bar for the whole run (its ETA is the run's); off when not a terminal or --quiet.
-        bar = tqdm(total=cfg.epochs * steps, unit="step", leave=False, disable=None if show else True)
-        for epoch in range(1, cfg.epochs + 1):
-            bar.set_description(f"epoch {epoch}/{cfg.epochs}")
-            running, seconds = trainer.train_epoch(epoch, on_step=lambda t: bar.update(tick) if t % tick == 0 else None)
-            bar.update(epoch * steps - bar.n)
-            bar.set_description(f"epoch {epoch}/{cfg.epochs} eval")
+        bar = tqdm(total=stops[-1], unit="step", leave=False, disable=None if show else True)
+        for point, stop in enumerate(stops, start=1):
+            # Whole epochs are integers; a window ends in the middle of one with --eval-every.
+            epoch = stop // per_epoch if stop % per_epoch == 0 else stop / per_epoch
+            window = stop - trainer.steps_done
+            bar.set_description(f"epoch {epoch:g}/{cfg.epochs}")
+            running, seconds = trainer.train_steps(stop, on_step=lambda t: bar.update(tick) if t % tick == 0 else None)
+            bar.update(stop - bar.n)
+            bar.set_description(f"epoch {epoch:g}/{cfg.epochs} eval")
             train = trainer.evaluate(splits.train_x, splits.train_y)
             test = trainer.evaluate(splits.test_x, splits.test_y)
             trainer.mark_diverged(epoch, running, train[0], test[0])
-            rows = epoch_rows(trainer, static, epoch, running, seconds, train, test)
+            rows = epoch_rows(trainer, static, epoch, running, seconds, train, test, window)
             if main:
-                writer.append(rows)  # durable before the next epoch starts
+                if trainer.instruments is not None:
+                    # Before the window's results: a unit whose results are complete has all its measures.
+                    writer.append(trainer.instruments.rows({k: static[k] for k in ("run_id", "unit", "repeat")}),
+                                  INSTRUMENTS_FILE)
+                writer.append(rows)  # durable before the next window starts
             if on_epoch is not None:
                 on_epoch(epoch, rows)
             if show:
-                for line in table_lines(rows, header=epoch == 1):
+                for line in table_lines(rows, header=point == 1):
                     bar.write(line)  # above the bar, which stays at the bottom
         bar.close()
         n_div = int(trainer.diverged.sum())
         if main:
-            update_meta(out_dir, run_id, {"status": "complete", "finished": utcnow(), "diverged_members": n_div})
+            done = {"status": "complete", "finished": utcnow(), "diverged_members": n_div}
+            if trainer.instruments is not None:
+                done["instrument_seconds"] = round(trainer.instruments.seconds, 3)
+            update_meta(out_dir, run_id, done)
         if show and n_div:
             names = [f"{v}/seed{s} (epoch {trainer.diverged_epoch[i]})" for i, (v, s) in enumerate(trainer.members) if trainer.diverged[i]]
             accelerator.print(f"warning: {n_div} member(s) diverged: {', '.join(names)}")

@@ -29,15 +29,20 @@ def init_linears(seed: int, sizes: tuple[int, ...]) -> list[tuple[torch.Tensor, 
 
 
 def reference_mlp(
-    inits: list[tuple[torch.Tensor, torch.Tensor]], bn: bool, activation: str = "relu"
+    inits: list[tuple[torch.Tensor, torch.Tensor]], bn: bool, activation: str = "relu", drop_bias: bool = False
 ) -> nn.Sequential:
-    """The lab's model: Linear -> [BatchNorm1d] -> activation per hidden layer, then Linear."""
+    """The lab's model: Linear -> [BatchNorm1d] -> activation per hidden layer, then Linear.
+
+    drop_bias (with bn): the hidden Linears have no bias, as in Ioffe & Szegedy: BN subtracts
+    the mean, so a bias before it does nothing, and BN's shift takes its place."""
     layers: list[nn.Module] = []
     for i, (w, b) in enumerate(inits):
-        lin = nn.Linear(w.shape[1], w.shape[0], dtype=w.dtype)
+        hidden = i < len(inits) - 1
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=not (bn and drop_bias and hidden), dtype=w.dtype)
         with torch.no_grad():
             lin.weight.copy_(w)
-            lin.bias.copy_(b)
+            if lin.bias is not None:
+                lin.bias.copy_(b)
         layers.append(lin)
         if i < len(inits) - 1:
             if bn:
@@ -62,6 +67,7 @@ class StackedMLP(nn.Module):
         bn: bool,
         activation: str = "relu",
         sync_bn: bool = False,
+        drop_bias: bool = False,
     ):
         super().__init__()
         self.k = len(member_inits)
@@ -73,8 +79,13 @@ class StackedMLP(nn.Module):
         self.weights = nn.ParameterList(
             nn.Parameter(torch.stack([m[i][0].t() for m in member_inits]).contiguous()) for i in range(n_layers)
         )
+        # drop_bias: hidden layers of a BN net have no Linear bias (see reference_mlp); biases[j] is
+        # then the j-th layer that has one, and bias_index maps layer -> j (or None).
+        has_bias = [not (bn and drop_bias and i < n_layers - 1) for i in range(n_layers)]
+        self.bias_index = [sum(has_bias[:i]) if has_bias[i] else None for i in range(n_layers)]
         self.biases = nn.ParameterList(
-            nn.Parameter(torch.stack([m[i][1] for m in member_inits]).unsqueeze(1).contiguous()) for i in range(n_layers)
+            nn.Parameter(torch.stack([m[i][1] for m in member_inits]).unsqueeze(1).contiguous())
+            for i in range(n_layers) if has_bias[i]
         )
         self.widths = [w.shape[2] for w in self.weights]
         dtype = self.weights[0].dtype
@@ -111,19 +122,29 @@ class StackedMLP(nn.Module):
         )
         return out.view(b, k, c).transpose(0, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [K, B, in] (each member its own batch) or [B, in] (one batch for all). Returns [K, B, out]."""
+    def bias(self, i: int) -> torch.Tensor | None:
+        j = self.bias_index[i]
+        return None if j is None else self.biases[j]
+
+    def forward(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
+        """x: [K, B, in] (each member its own batch) or [B, in] (one batch for all). Returns [K, B, out].
+        taps: a list that receives each hidden layer's input to the nonlinearity, [K, B, C]."""
         last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i, w in enumerate(self.weights):
+            b = self.bias(i)
             if x.dim() == 2:
                 # Shared input (evaluation): one GEMM against all members' weights side by side.
                 n, fin = x.shape
-                h = (x @ w.transpose(0, 1).reshape(fin, -1)).view(n, self.k, -1).transpose(0, 1) + b
+                h = (x @ w.transpose(0, 1).reshape(fin, -1)).view(n, self.k, -1).transpose(0, 1)
+                if b is not None:
+                    h = h + b
             else:
-                h = torch.baddbmm(b, x, w)
+                h = torch.baddbmm(b, x, w) if b is not None else torch.bmm(x, w)
             if i < last:
                 if self.bn:
                     h = self._bn(i, h)
+                if taps is not None:
+                    taps.append(h)
                 h = self.act(h)
             x = h
         return x
@@ -135,7 +156,8 @@ class StackedMLP(nn.Module):
         idx, last = 0, len(self.weights) - 1
         for i in range(len(self.weights)):
             views[f"{idx}.weight"] = self.weights[i][k].t()
-            views[f"{idx}.bias"] = self.biases[i][k, 0]
+            if self.bias(i) is not None:
+                views[f"{idx}.bias"] = self.bias(i)[k, 0]
             idx += 1
             if i < last:
                 if self.bn:
@@ -162,3 +184,46 @@ class StackedMLP(nn.Module):
             raise KeyError(f"state keys {sorted(state)} do not match {sorted(views)}")
         for key, v in views.items():
             v.copy_(state[key])
+
+
+# -- what the instruments read: layers, their parameters, the inputs to the nonlinearities ----------
+def layer_blocks(net: nn.Module) -> list[list[str]]:
+    """Per Linear layer, the names of its parameters (weight first, then bias and its BN's
+    scale and shift), for StackedMLP and reference_mlp alike."""
+    if isinstance(net, StackedMLP):
+        blocks = []
+        for i in range(len(net.weights)):
+            names = [f"weights.{i}"]
+            if net.bias_index[i] is not None:
+                names.append(f"biases.{net.bias_index[i]}")
+            if net.bn and i < len(net.weights) - 1:
+                names += [f"bn_weight.{i}", f"bn_bias.{i}"]
+            blocks.append(names)
+        return blocks
+    blocks = []
+    for name, module in net.named_children():
+        if isinstance(module, nn.Linear):
+            blocks.append([f"{name}.{p}" for p, _ in module.named_parameters()])
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            blocks[-1] += [f"{name}.{p}" for p, _ in module.named_parameters()]
+    return blocks
+
+
+def preactivations(net: nn.Module, x: torch.Tensor, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Each hidden layer's input to its nonlinearity, [K, B, C], computed with `state`
+    (torch.func.functional_call: parameters and buffers that replace the module's own, so
+    that a train-mode forward updates copies of the BN running statistics, not the net's)."""
+    from torch.func import functional_call
+
+    taps: list[torch.Tensor] = []
+    if isinstance(net, StackedMLP):
+        functional_call(net, state, (x,), {"taps": taps})
+        return taps
+    acts = [m for m in net.children() if isinstance(m, tuple(ACTIVATION_MODULES.values()))]
+    hooks = [m.register_forward_pre_hook(lambda m, inp: taps.append(inp[0].unsqueeze(0))) for m in acts]
+    try:
+        functional_call(net, state, (x,))
+    finally:
+        for h in hooks:
+            h.remove()
+    return taps

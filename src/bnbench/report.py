@@ -23,7 +23,7 @@ from .stats import MIN_PAIRS, describe_p, mean_ci95, paired_test, time_to_target
 DEFAULT_TARGET = 0.97  # test accuracy for time-to-target (MLPerf / DAWNBench style)
 # What makes two rows the same experiment (apart from variant, seed and repeat).
 CONFIG_KEYS = ["preset", "dataset", "hidden", "activation", "optimizer", "lr", "momentum", "batch_size",
-               "per_device_batch", "epochs", "engine", "dtype", "world_size", "sync_bn", "device"]
+               "per_device_batch", "epochs", "engine", "dtype", "world_size", "sync_bn", "device", "bn_drop_bias", "eval_every"]
 PALETTE = {"bn": "#1f77b4", "nobn": "#d62728"}  # one colour per variant, in every figure
 LABELS = {"bn": "with BN", "nobn": "without BN"}
 CURVES = [("test_acc", "test accuracy"), ("test_loss", "test loss (nats)"),
@@ -231,13 +231,13 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
     return figs
 
 
-def curve_bands(live: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Per config, variant, metric and epoch: mean over seeds and the Student-t 95% half-width
-    (mean_ci95, vectorised: one groupby instead of one call per point)."""
+def curve_bands(live: pd.DataFrame, metrics: list[str], x: str = "epoch") -> pd.DataFrame:
+    """Per config, variant, metric and x (epoch or step): mean over seeds and the Student-t 95%
+    half-width (mean_ci95, vectorised: one groupby instead of one call per point)."""
     from scipy import stats
 
-    long = live.melt(id_vars=["config", "variant", "epoch"], value_vars=metrics, var_name="metric", value_name="value")
-    agg = long.dropna(subset=["value"]).groupby(["config", "variant", "metric", "epoch"])["value"].agg(["mean", "std", "count"]).reset_index()
+    long = live.melt(id_vars=["config", "variant", x], value_vars=metrics, var_name="metric", value_name="value")
+    agg = long.dropna(subset=["value"]).groupby(["config", "variant", "metric", x])["value"].agg(["mean", "std", "count"]).reset_index()
     n = agg["count"].to_numpy()
     t = stats.t.ppf(0.975, np.maximum(n - 1, 1))
     agg["half"] = np.where(n > 1, t * agg["std"].fillna(0).to_numpy() / np.sqrt(n), 0.0)
@@ -278,13 +278,19 @@ def _notes(df, final, out_dir: Path, problems: list[str], meta: dict) -> list[st
     notes = list(problems)
     epochs_cfg = df.groupby("run_id")["epochs"].max()
     for run_id, g in final.groupby("run_id"):
-        done = int(g["epoch"].min())
-        if done < int(epochs_cfg[run_id]):
-            notes.append(f"run {run_id}: {done} of {int(epochs_cfg[run_id])} epochs recorded (incomplete or still running)")
+        if g["epoch"].min() < int(epochs_cfg[run_id]):
+            notes.append(f"run {run_id}: {g['epoch'].min():g} of {int(epochs_cfg[run_id])} epochs recorded (incomplete or still running)")
     for (run_id, variant, seed), g in df.groupby(["run_id", "variant", "seed"]):
-        missing = sorted(set(range(1, int(g["epoch"].max()) + 1)) - set(g["epoch"].astype(int)))
+        every = g["eval_every"].iloc[0] if "eval_every" in g else None
+        if every is not None and pd.notna(every):  # windows: rows every `every` steps
+            last = int(g["step"].max())
+            missing = sorted(set(range(int(every), last + 1, int(every))) - set(g["step"].astype(int)))
+            what = "step"
+        else:
+            missing = sorted(set(range(1, int(g["epoch"].max()) + 1)) - set(g["epoch"].astype(int)))
+            what = "epoch"
         if missing:
-            notes.append(f"run {run_id}: {variant}/seed {seed}: epoch{'s' if len(missing) > 1 else ''} "
+            notes.append(f"run {run_id}: {variant}/seed {seed}: {what}{'s' if len(missing) > 1 else ''} "
                          f"{', '.join(map(str, missing))} missing (curves skip them)")
     for r in final[final["diverged"]].itertuples():
         first = df[(df.run_id == r.run_id) & (df.variant == r.variant) & (df.seed == r.seed) & df.diverged]["epoch"].min()
@@ -359,7 +365,10 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
     targets = target_table(ttt, target) if len(ttt) else pd.DataFrame()
     throughput = throughput_table(df) if "samples_per_s" in df else pd.DataFrame()
     figs = _figures(df, final, ttt, throughput, rep, target)
-    notes = _notes(df, final, out_dir, problems, meta)
+    from .report_instruments import inside_section
+
+    inside_figs, inside_text, inside_problems = inside_section(out_dir, df, rep, target)
+    notes = _notes(df, final, out_dir, problems + inside_problems, meta)
     env = _environment(meta, set(df["run_id"]))
 
     summary = table.merge(targets.drop(columns=["max_epochs_run"]), on=["config", "variant"], how="left") if len(targets) else table
@@ -392,6 +401,8 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
         ("Throughput and scaling", "table", throughput),
         ("Synchronised BN", "list", [sync_note] if sync_note else []),
         ("Figures", "figures", figs),
+        ("Inside the network: Ioffe & Szegedy's Figure 1, gradients, internal covariate shift", "list", inside_text),
+        ("Figures: inside the network", "figures", inside_figs),
         ("Missing, failed, diverged, problems", "list", notes or ["none"]),
         ("Environment", "table", env),
     ]

@@ -1,12 +1,13 @@
 """Results: one JSON line per member per epoch, appended durably; run metadata beside it.
 
 DIR/results.jsonl  rows (pandas: pd.read_json(path, lines=True, precise_float=True))
+DIR/instruments.jsonl  with --instrument: one measured value per row (INSTRUMENT_SCHEMA)
 DIR/meta.json      {"runs": {run_id: {config, versions, devices, host, git, ...}}}
 DIR/.lock          flock: a sweep holds it exclusively, plain runs share it
 Each epoch's rows go out in ONE os.write on an O_APPEND descriptor followed by
 fsync, so a crash loses at most the epoch in flight and never interleaves lines.
 Rows are only ever moved, never deleted: a torn last line goes to DIR/torn.log,
-rows of an abandoned attempt to DIR/superseded/<run_id>.jsonl.
+rows of an abandoned attempt to DIR/superseded/<run_id>.jsonl (and .instruments.jsonl).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ RESULTS_FILE = "results.jsonl"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
 TORN_LOG = "torn.log"
+INSTRUMENTS_FILE = "instruments.jsonl"
 EVENTS_FILE = "units.jsonl"  # a sweep's record of each unit: start / done / failed / interrupted
 SUPERSEDED_DIR = "superseded"
 
@@ -41,8 +43,9 @@ SCHEMA: dict[str, str] = {
     "dataset": "mnist / fashion-mnist",
     "variant": "bn (BatchNorm1d after each hidden Linear) / nobn",
     "seed": "init and data-order seed; bn and nobn of one seed share both",
-    "epoch": "1-based epoch just completed",
+    "epoch": "epochs completed at this evaluation: 1, 2, ... (fractional with eval_every: 0.5, 1, 1.5, ...)",
     "step": "optimizer steps taken by this member so far",
+    "eval_every": "steps per evaluation window (null: once per epoch)",
     "train_loss": "mean cross-entropy over ALL training samples, eval mode (running stats), after the epoch",
     "train_acc": "correct / total over ALL training samples, eval mode",
     "test_loss": "mean cross-entropy over ALL test samples (10,000 for MNIST), eval mode",
@@ -52,8 +55,8 @@ SCHEMA: dict[str, str] = {
     "test_correct": "test samples classified correctly",
     "test_total": "test samples scored (all of them: 10,000 for MNIST)",
     "train_loss_running": "mean mini-batch loss during the epoch (train mode)",
-    "train_seconds": "wall time of the epoch's training steps, evaluation excluded (CUDA synchronised)",
-    "samples_per_s": "member-samples per second in the epoch, all processes together: members x samples / train_seconds",
+    "train_seconds": "wall time of the window's (epoch's) training steps, evaluation and instruments excluded (CUDA synchronised)",
+    "samples_per_s": "member-samples per second in the window, all processes together: members x samples / train_seconds",
     "peak_rss_mb": "peak resident memory of the (rank 0) process so far, MiB",
     "peak_gpu_mb": "peak GPU memory allocated by torch so far, MiB (null on the CPU)",
     "members": "members in the run (both variants, all seeds); every process trains all of them on its slice",
@@ -73,12 +76,30 @@ SCHEMA: dict[str, str] = {
     "world_size": "processes in the run (all machines)",
     "backend": "torch.distributed backend: gloo (CPU) / nccl (GPU) / none (one process)",
     "sync_bn": "BN training statistics over the global batch across processes (--sync-bn)",
+    "bn_drop_bias": "BN members' hidden Linears have no bias; BN's shift replaces it (--bn-drop-bias)",
     "compile": "units stepped through torch.compile (--compile); compile time is in meta.json",
     "tf32": "TF32 matmuls allowed on the GPU (--tf32); off by default",
     "time": "UTC time the row was written (ISO 8601)",
     "bnbench_version": "package version",
     "torch_version": "torch.__version__",
     "git_commit": "commit of the bnbench checkout ('+dirty' if modified), or 'unknown'",
+}
+
+
+# DIR/instruments.jsonl (--instrument), one value per row; instruments.py says how each is measured.
+INSTRUMENT_SCHEMA: dict[str, str] = {
+    "run_id": "the run, as in results.jsonl",
+    "unit": "the unit, as in results.jsonl",
+    "repeat": "as in results.jsonl",
+    "variant": "bn / nobn",
+    "seed": "the member's seed",
+    "step": "updates applied before the measurement (0 = at initialisation)",
+    "measure": "grad_norm / preact / ics_distance / ics_cosine / grad_norm_all / grad_change / loss_along",
+    "layer": "1-based Linear layer (grad_norm, ics_*; preact: the last hidden layer)",
+    "neuron": "preact: index of the traced unit in its layer",
+    "q": "preact: the quantile, 0.15 / 0.5 / 0.85",
+    "eta": "grad_change, loss_along: step size along the negative gradient",
+    "value": "the measured value (null if not finite)",
 }
 
 
@@ -201,13 +222,18 @@ def _alive(pid) -> bool:
 
 
 def repair_tail(out_dir: str | os.PathLike) -> str | None:
-    """End a torn last line of results.jsonl. Call with the folder held exclusively.
+    """End a torn last line of results.jsonl and instruments.jsonl. Call with the folder held exclusively.
 
     A last line without its newline that is a whole JSON row only lacks the newline;
     anything else is a torn write: its bytes go to DIR/torn.log (with its line number),
     the file is cut back to its last whole line, and a message says so.
     """
-    path = Path(out_dir) / RESULTS_FILE
+    messages = [m for m in (_repair_tail(Path(out_dir), n) for n in (RESULTS_FILE, INSTRUMENTS_FILE)) if m]
+    return "; ".join(messages) or None
+
+
+def _repair_tail(out_dir: Path, name: str) -> str | None:
+    path = out_dir / name
     if not path.exists():
         return None
     raw = path.read_bytes()
@@ -226,7 +252,7 @@ def repair_tail(out_dir: str | os.PathLike) -> str | None:
         except ValueError:
             pass
         with open(Path(out_dir) / TORN_LOG, "ab") as log:
-            log.write(f"# {utcnow()} {RESULTS_FILE}:{line_no}, {len(tail)} bytes\n".encode() + tail + b"\n")
+            log.write(f"# {utcnow()} {name}:{line_no}, {len(tail)} bytes\n".encode() + tail + b"\n")
             log.flush()
             os.fsync(log.fileno())
         f.truncate(cut)
@@ -235,16 +261,21 @@ def repair_tail(out_dir: str | os.PathLike) -> str | None:
 
 
 def move_rows_aside(out_dir: str | os.PathLike, select) -> dict[str, int]:
-    """Move the rows `select(row)` picks out of results.jsonl into DIR/superseded/<run_id>.jsonl.
+    """Move the rows `select(row)` picks out of results.jsonl into DIR/superseded/<run_id>.jsonl,
+    and out of instruments.jsonl into DIR/superseded/<run_id>.instruments.jsonl.
 
     For the rows of an attempt that did not finish, before its unit runs again: nothing
     is deleted and nothing is counted twice. Unparsable lines stay where they are (the
     reader keeps reporting them). Call with the folder held exclusively. Crash-safe: each
     superseded file is rewritten whole (so a repeat adds nothing), then results.jsonl is
-    replaced atomically. Returns rows moved per run_id.
+    replaced atomically. Returns results rows moved per run_id.
     """
-    out_dir = Path(out_dir)
-    path = out_dir / RESULTS_FILE
+    _move_aside(Path(out_dir), INSTRUMENTS_FILE, ".instruments.jsonl", select)  # first: results decide "done"
+    return _move_aside(Path(out_dir), RESULTS_FILE, ".jsonl", select)
+
+
+def _move_aside(out_dir: Path, name: str, suffix: str, select) -> dict[str, int]:
+    path = out_dir / name
     if not path.exists():
         return {}
     keep, moved = [], {}
@@ -262,7 +293,7 @@ def move_rows_aside(out_dir: str | os.PathLike, select) -> dict[str, int]:
     aside = out_dir / SUPERSEDED_DIR
     aside.mkdir(exist_ok=True)
     for run_id, lines in moved.items():
-        target = aside / f"{run_id}.jsonl"
+        target = aside / f"{run_id}{suffix}"
         old = target.read_bytes().splitlines(keepends=True) if target.exists() else []
         write_atomic(target, b"".join(dict.fromkeys(old + lines)))
     write_atomic(path, b"".join(keep))
@@ -289,6 +320,7 @@ class ResultsWriter:
     def __init__(self, out_dir: str | os.PathLike, hold_lock: bool = True):
         self.dir = Path(out_dir)
         self.lock = None
+        self.extra: dict[str, int] = {}  # other files of the folder appended to (instruments.jsonl)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.path = self.dir / RESULTS_FILE
@@ -313,25 +345,25 @@ class ResultsWriter:
             except FolderBusy:
                 self.close()
                 raise
-        self._end_torn_line()
+        _end_torn_line(self.fd, self.path)
 
-    def _end_torn_line(self) -> None:
-        # Another writer shares the folder, so the torn line cannot be moved: end it, so that
-        # our first row starts on a fresh line. It stays in place, and the reader reports it.
-        size = os.fstat(self.fd).st_size
-        if size:
-            with open(self.path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    os.write(self.fd, b"\n")
-
-    def append(self, rows: list[dict]) -> None:
-        append_lines(self.fd, rows)
+    def append(self, rows: list[dict], name: str = RESULTS_FILE) -> None:
+        if name == RESULTS_FILE:
+            append_lines(self.fd, rows)
+            return
+        if name not in self.extra:
+            self.extra[name] = os.open(self.dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            _end_torn_line(self.extra[name], self.dir / name)
+        if rows:
+            append_lines(self.extra[name], rows)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for fd in self.extra.values():
+            os.close(fd)
+        self.extra = {}
         if self.lock is not None:
             self.lock.close()
             self.lock = None
@@ -341,6 +373,17 @@ class ResultsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _end_torn_line(fd: int, path: Path) -> None:
+    # Another writer shares the folder, so a torn line cannot be moved: end it, so that our
+    # first row starts on a fresh line. It stays in place, and the reader reports it.
+    size = os.fstat(fd).st_size
+    if size:
+        with open(path, "rb") as f:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                os.write(fd, b"\n")
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -462,6 +505,15 @@ def read_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
     path = Path(out_dir) / RESULTS_FILE
     if not path.exists():
         raise ResultsProblem(f"no {RESULTS_FILE} in {out_dir}")
+    rows, problems = read_jsonl(path)
+    return pd.DataFrame(rows), problems
+
+
+def read_instruments(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+    """DIR/instruments.jsonl as a DataFrame (empty if the folder has none) and its problems."""
+    path = Path(out_dir) / INSTRUMENTS_FILE
+    if not path.exists():
+        return pd.DataFrame(), []
     rows, problems = read_jsonl(path)
     return pd.DataFrame(rows), problems
 

@@ -71,11 +71,11 @@ DEVICES = ("auto", "cpu", "cuda")
 SWEEP_KEYS = {"out": "str", "seeds_per_unit": "int", "repeats": "int", "data_root": "str", "dist_timeout": "float"}
 # Run options a sweep file may set, by kind. `cpu` is `device`, `repeat` is [sweep] repeats.
 _KIND_OF_TYPE = {"str": "str", "int": "int", "int | None": "int", "float": "float", "bool": "bool",
-                 "tuple[int, ...]": "ints", "tuple[str, ...]": "strs"}
+                 "tuple[int, ...]": "ints", "tuple[str, ...]": "strs", "tuple[float, ...]": "floats"}
 OPTION_KEYS = {f.name: _KIND_OF_TYPE[f.type] for f in dataclasses.fields(Config) if f.name not in ("cpu", "repeat")}
 OPTION_KEYS.update(nproc="int", device="str")
 _DESCRIBE = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-             "ints": "a list of integers", "strs": "a list of strings"}
+             "ints": "a list of integers", "strs": "a list of strings", "floats": "a list of numbers"}
 
 
 def example() -> str:
@@ -96,7 +96,7 @@ class Unit:
     @property
     def expected_rows(self) -> int:
         c = self.config
-        return c.epochs * len(c.seeds) * len(c.variants)
+        return len(c.eval_steps(self.nproc)) * len(c.seeds) * len(c.variants)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "id": self.id, "label": self.label, "nproc": self.nproc, "device": self.device,
@@ -138,11 +138,11 @@ def _check_value(where: str, key: str, value):
             return parse_seeds(value)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
-    if kind in ("ints", "strs"):
-        item = int if kind == "ints" else str
+    if kind in ("ints", "strs", "floats"):
+        item = {"ints": int, "strs": str, "floats": (int, float)}[kind]
         if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where}: expected {_DESCRIBE[kind]}, {got}")
-        return tuple(value)
+        return tuple(float(v) for v in value) if kind == "floats" else tuple(value)
     if not _is(kind, value):
         raise ConfigError(f"{where}: expected {_DESCRIBE[kind]}, {got}")
     if key == "device" and value not in DEVICES:
@@ -321,9 +321,14 @@ def run_argv(cfg: Config) -> list[str]:
         argv += ["--per-device-batch", str(cfg.per_device_batch)]
     else:
         argv += ["--batch-size", str(cfg.batch_size)]
-    for flag in ("sync_bn", "cpu", "compile", "tf32"):
+    for flag in ("sync_bn", "cpu", "compile", "tf32", "instrument"):
         if getattr(cfg, flag):
             argv.append("--" + flag.replace("_", "-"))
+    argv.append("--bn-drop-bias" if cfg.bn_drop_bias else "--no-bn-drop-bias")  # presets set it either way
+    if cfg.eval_every is not None:
+        argv += ["--eval-every", str(cfg.eval_every)]
+    argv += ["--instrument-every", str(cfg.instrument_every), "--ics-every", str(cfg.ics_every),
+             "--ics-etas", ",".join(map(repr, cfg.ics_etas))]
     return argv
 
 
