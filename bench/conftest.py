@@ -94,6 +94,13 @@ def pytest_terminal_summary(terminalreporter, config):
         limit = gflops * 1e9 / FLOP_PER_MEMBER_SAMPLE
         lines.append(f"{'arithmetic limit at this matmul rate':48s} {limit:>12,.0f} member-samples/s  "
                      f"({gflops:.0f} GFLOP/s / {FLOP_PER_MEMBER_SAMPLE / 1e3:.0f} kFLOP); best reached {best / limit:.0%}")
+    off, on = rate("test_instrument_overhead[off]"), rate("test_instrument_overhead[on]")
+    if off and on:
+        lines.append(f"{'--instrument, ioffe2015 net, default cadence':48s} {on:>12,.0f} vs {off:,.0f} member-samples/s off: "
+                     f"{off / on - 1:+.1%} time")
+    every = rate("test_instrument_overhead[every-step]")
+    if off and every:
+        lines.append(f"{'  ... measuring everything at every step':48s} {every:>12,.0f} member-samples/s: {off / every:.1f}x the time")
     if lines:
         terminalreporter.write_sep("=", "bnbench: ratios measured in this session")
         for line in lines:

@@ -29,5 +29,6 @@ def test_the_benchmark_suite_collects():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     names = proc.stdout
     for case in ("test_lab_loop_epoch", "test_train_epoch[default]", "test_bare_step_loop", "test_run_loop",
-                 "test_full_evaluation", "test_data_preparation[cold]", "test_train_step[sync-bn-stacked-K32]"):
+                 "test_full_evaluation", "test_data_preparation[cold]", "test_train_step[sync-bn-stacked-K32]",
+                 "test_instrument_overhead[on]"):
         assert case in names, case

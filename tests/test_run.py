@@ -183,8 +183,13 @@ def test_refuses_the_silent_multiprocess_mode(tmp_path, data_root, monkeypatch, 
 
 def test_readme_documents_every_column_and_command():
     readme = (REPO / "README.md").read_text()
-    for col in SCHEMA:
-        assert f"`{col}`" in readme, f"README lacks the results column {col}"
+    from bnbench.instruments import MEASURES
+    from bnbench.results import INSTRUMENT_SCHEMA
+
+    for col in [*SCHEMA, *INSTRUMENT_SCHEMA, *MEASURES]:
+        assert f"`{col}`" in readme, f"README lacks the results column or measure {col}"
+    for preset in ("ioffe2015", "deep"):
+        assert f"`{preset}`" in readme, preset
     for cmd in ("bnbench run", "bnbench sweep", "bnbench status", "bnbench export", "bnbench report", "bnbench data",
                 "bnbench list", "./launch.sh test", "./launch.sh sweep"):
         assert cmd in readme, cmd
