@@ -274,3 +274,35 @@ def test_interrupted_attempt_moves_its_measures_aside(tmp_path):
     assert move_rows_aside(tmp_path, lambda r: r["unit"] == "x") == {"a": 1}
     assert read_instruments(tmp_path)[0]["run_id"].tolist() == ["b"]
     assert json.loads((tmp_path / "superseded" / "a.instruments.jsonl").read_text())["measure"] == "grad_norm"
+
+
+def test_report_section_states_the_measured_numbers(tmp_path, mnist_cpu, accelerator):
+    from bnbench.report import build_report
+
+    splits = subset(mnist_cpu["float32"], 1000, 300)
+    _tiny_run(tmp_path, accelerator, splits, "on", eval_every=10, instrument=True, instrument_every=2, ics_every=5)
+    _tiny_run(tmp_path, accelerator, splits, "off", eval_every=10)
+    build_report(tmp_path / "on", target=0.5)
+    build_report(tmp_path / "off", target=0.5)
+    rep = tmp_path / "on" / "report"
+    for stem in ("inside_figure1", "inside_grad_heatmap", "inside_ics"):
+        assert (rep / f"{stem}.png").stat().st_size > 10_000 and (rep / f"{stem}.svg").exists(), stem
+    md = (rep / "report.md").read_text()
+    assert "Inside the network" not in (tmp_path / "off" / "report" / "report.md").read_text()
+    # The paragraph's numbers, recomputed by hand from the two files.
+    inst, rows = read_instruments(tmp_path / "on")[0], read_results(tmp_path / "on")[0]
+    summary = pd.read_csv(rep / "instruments_summary.csv").set_index("variant")
+    for v in ("bn", "nobn"):
+        mine = inst[inst["variant"] == v]
+        gn = mine[mine["measure"] == "grad_norm"].set_index(["seed", "step", "layer"])["value"].unstack()
+        ratio = (gn[1] / gn[3]).median()
+        med = mine[(mine["measure"] == "preact") & (mine["q"] == 0.5)].groupby(["seed", "neuron"])["value"]
+        drift = (med.max() - med.min()).mean()
+        cos = mine.loc[mine["measure"] == "ics_cosine", "value"].median()
+        final = rows[(rows["variant"] == v) & (rows["step"] == 40)]["test_acc"].mean()
+        got = summary.loc[v]
+        assert got["grad_ratio_first_to_last"] == pytest.approx(ratio, rel=1e-12)
+        assert got["median_range"] == pytest.approx(drift, rel=1e-12)
+        assert got["ics_cosine_median"] == pytest.approx(cos, rel=1e-12)
+        assert got["final_test_acc"] == pytest.approx(final, rel=1e-12)
+        assert f"{ratio:.3g} times" in md and f"{drift:.2f}" in md and f"{cos:.4f}" in md and f"{final:.2%}" in md
