@@ -193,6 +193,8 @@ class Config:
         """The steps after which a run evaluates and writes rows: every epoch's end, or every
         eval_every steps and the last step."""
         per_epoch = train_samples // self.global_batch(world_size)
+        if per_epoch == 0:
+            return []  # a batch larger than the data: the Trainer refuses it, naming both
         total = self.epochs * per_epoch
         every = self.eval_every or per_epoch
         return sorted({*range(every, total + 1, every), total})
