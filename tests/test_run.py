@@ -193,3 +193,32 @@ def test_readme_documents_every_column_and_command():
     for cmd in ("bnbench run", "bnbench sweep", "bnbench status", "bnbench export", "bnbench report", "bnbench data",
                 "bnbench list", "./launch.sh test", "./launch.sh sweep"):
         assert cmd in readme, cmd
+
+
+def test_a_sigterm_while_the_failure_is_recorded_still_records_it(tmp_path, accelerator, mnist_cpu, monkeypatch):
+    # A launcher that loses one rank SIGTERMs the others, often while they record their own failure
+    # (seen in CI: the run stayed `running`). The status write finishes; the signal comes after it.
+    import signal
+
+    from bnbench import cli, results
+
+    def peer_gone(self, stop, on_step=None):
+        raise RuntimeError("Connection closed by peer")
+
+    real = results.update_meta
+
+    def sigterm_mid_write(out_dir, run_id, meta):
+        if meta.get("status") == "failed":
+            os.kill(os.getpid(), signal.SIGTERM)  # the launcher's SIGTERM, arriving now
+        real(out_dir, run_id, meta)
+
+    monkeypatch.setattr(Trainer, "train_steps", peer_gone)
+    monkeypatch.setattr(results, "update_meta", sigterm_mid_write)
+    old = signal.signal(signal.SIGTERM, cli._on_sigterm)
+    try:
+        with pytest.raises(cli.Terminated):  # delivered once the write is done
+            _run(make_config(seeds=(0,), epochs=1), tmp_path, subset(mnist_cpu["float32"], 600, 100), accelerator)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    (meta,) = json.loads((tmp_path / "meta.json").read_text())["runs"].values()
+    assert meta["status"] == "failed" and "Connection closed by peer" in meta["error"]

@@ -454,7 +454,7 @@ def training_function(
     from tqdm.auto import tqdm
 
     from . import data
-    from .results import INSTRUMENTS_FILE, ResultsWriter, environment, update_meta, utcnow
+    from .results import INSTRUMENTS_FILE, ResultsWriter, environment, signals_deferred, update_meta, utcnow
 
     main = launched_rank() == 0
     writer = ResultsWriter(out_dir, hold_lock=hold_lock) if main else None
@@ -531,7 +531,8 @@ def training_function(
             done = {"status": "complete", "finished": utcnow(), "diverged_members": n_div}
             if trainer.instruments is not None:
                 done["instrument_seconds"] = round(trainer.instruments.seconds, 3)
-            update_meta(out_dir, run_id, done)
+            with signals_deferred():
+                update_meta(out_dir, run_id, done)
         if show and n_div:
             names = [f"{v}/seed{s} (epoch {trainer.diverged_epoch[i]})" for i, (v, s) in enumerate(trainer.members) if trainer.diverged[i]]
             accelerator.print(f"warning: {n_div} member(s) diverged: {', '.join(names)}")
@@ -539,7 +540,8 @@ def training_function(
     except BaseException as e:
         if run_id is not None and main:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            update_meta(out_dir, run_id, {"status": status, "finished": utcnow(), "error": f"{type(e).__name__}: {e}"})
+            with signals_deferred():
+                update_meta(out_dir, run_id, {"status": status, "finished": utcnow(), "error": f"{type(e).__name__}: {e}"})
         raise
     finally:
         if writer is not None:

@@ -98,14 +98,14 @@ def _paragraph(cfg: str, n: dict[str, dict], target: float) -> str:
         return lower if x < y else higher if x > y else "the same as"
 
     def at(step):
-        return f"at step {step:,}" if step is not None else "never (within the run)"
+        return f"step {step:,}" if step is not None else "not reached"
 
     parts = [f"{cfg} ({b['seeds']} seeds)."]
     if b.get("last_step"):
         parts.append(
             f"After {b['last_step']:,} steps, mean test accuracy is {b['final_test_acc']:.2%} with BN and "
-            f"{o['final_test_acc']:.2%} without; {target:.0%} is first reached {at(b['step_to_target'])} with BN "
-            f"and {at(o['step_to_target'])} without (Figure 1a).")
+            f"{o['final_test_acc']:.2%} without; the first evaluation at {target:.0%} or more: {at(b['step_to_target'])} "
+            f"with BN, {at(o['step_to_target'])} without (Figure 1a).")
     if "median_range" in b and "median_range" in o:
         parts.append(
             f"The median input to the traced sigmoids of the last hidden layer moves over a range of "

@@ -11,15 +11,18 @@ rows of an abandoned attempt to DIR/superseded/<run_id>.jsonl (and .instruments.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
 import math
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -397,6 +400,30 @@ def update_meta(out_dir: str | os.PathLike, run_id: str, meta: dict) -> None:
     with open(Path(out_dir) / ".meta.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _update_meta_locked(path, run_id, meta)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGTERM and SIGINT wait until the block ends, then reach their usual handlers.
+
+    For the last status write of a run: a launcher that loses one rank SIGTERMs the others,
+    and that signal often lands while a rank is recording its failure; interrupted there,
+    the run would stay `running` in meta.json for ever. (Python runs handlers in the main
+    thread only, so swapping them there is enough; a thread mask would not be: the kernel
+    hands a process's signal to any thread that does not block it.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)  # now: the handler it would have met
 
 
 def _update_meta_locked(path: Path, run_id: str, meta: dict) -> None:
