@@ -23,10 +23,9 @@ DTYPES = ("float32", "float64")
 # Part of every unit's identity: bump it when a change to bnbench alters any number a
 # run records (not for refactors), so that sweeps rerun what the change affects.
 TRAINING_CODE_VERSION = 1
-# Fields added after the first release enter a unit's id only when they differ from these
+# Fields added after the first release enter a unit's id only when they differ from their
 # defaults: a unit that does not use them keeps its id, and sweeps already done stay done.
-LATER_FIELDS = {"bn_drop_bias": False, "eval_every": None, "instrument": False, "instrument_every": 100,
-                "ics_every": 1000, "ics_etas": (0.05, 0.1, 0.2, 0.4)}
+LATER_FIELDS = ("bn_drop_bias", "eval_every", "instrument", "instrument_every", "ics_every", "ics_etas")
 TRAIN_SAMPLES = 60_000  # MNIST and Fashion-MNIST alike: steps per epoch = this // global batch
 
 # Presets are plain dicts of Config fields; the CLI overrides any of them.
@@ -172,8 +171,9 @@ class Config:
         values are), nor is `cpu` (the device kind is). Stable across processes and
         machines: sweeps use it to skip what is done.
         """
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         fields = {k: v for k, v in self.to_dict().items() if k not in ("preset", "cpu")
-                  and not (k in LATER_FIELDS and getattr(self, k) == LATER_FIELDS[k])}
+                  and not (k in LATER_FIELDS and getattr(self, k) == defaults[k])}
         ident = {"config": fields, "world_size": world_size, "device": device_kind,
                  "torch": torch_version, "training_code": TRAINING_CODE_VERSION}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

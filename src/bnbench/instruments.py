@@ -50,6 +50,12 @@ class Instruments:
         self.seconds = 0.0  # spent measuring: taken out of the training time the rows report
         self.pending: list[tuple[int, str, int, torch.Tensor, list[dict]]] = []
         self._before: dict[int, tuple[dict, dict]] = {}
+        self._blocks: dict[int, list[list[str]]] = {}  # per unit: its layers' parameter names
+
+    def blocks(self, u) -> list[list[str]]:
+        if id(u) not in self._blocks:
+            self._blocks[id(u)] = layer_blocks(u.net)
+        return self._blocks[id(u)]
 
     # -- called by Trainer.step ---------------------------------------------------------------
     def before_step(self, u, xb: torch.Tensor, yb: torch.Tensor, step: int) -> None:
@@ -58,7 +64,7 @@ class Instruments:
         if not (often or ics):
             return
         t0 = self._start()
-        net, blocks = u.net, layer_blocks(u.net)
+        net, blocks = u.net, self.blocks(u)
         params = dict(net.named_parameters())
         k = u.members.stop - u.members.start
         with torch.no_grad():
@@ -91,7 +97,7 @@ class Instruments:
         t0 = self._start()
         w, g = self._before.pop(id(u))
         now = {n: p.detach() for n, p in u.net.named_parameters()}
-        blocks = layer_blocks(u.net)
+        blocks = self.blocks(u)
         k = u.members.stop - u.members.start
         dist, cos = [], []
         for layer in range(1, len(blocks)):

@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .report import LABELS, PALETTE, _save, curve_bands
 from .results import read_instruments
-
-PALETTE = {"bn": "#1f77b4", "nobn": "#d62728"}  # as in report.py
-LABELS = {"bn": "with BN", "nobn": "without BN"}
 
 
 def inside_section(out_dir: Path, df: pd.DataFrame, rep: Path, target: float):
@@ -33,11 +31,14 @@ def inside_section(out_dir: Path, df: pd.DataFrame, rep: Path, target: float):
     figs, text, summary = [], [], []
     for i, (cfg, g) in enumerate(sorted(inst.groupby("config"), key=lambda kv: kv[0]), start=1):
         runs = df[(df["config"] == cfg) & ~df["diverged"]]
+        # Test accuracy against steps, mean and t-interval over seeds: for Figure 1(a) and the paragraph.
+        acc = (curve_bands(runs, ["test_acc"], x="step") if len(runs)
+               else pd.DataFrame(columns=["variant", "step", "mean", "half"]))
         stem = f"inside{i}" if inst["config"].nunique() > 1 else "inside"
-        _figure1(g, runs, cfg, rep, stem, figs)
+        _figure1(g, acc, cfg, rep, stem, figs)
         _heatmap(g, cfg, rep, stem, figs)
         _ics(g, cfg, rep, stem, figs)
-        numbers = _numbers(g, runs, target)
+        numbers = _numbers(g, acc, target)
         summary += [{"config": cfg, "variant": v, **n} for v, n in numbers.items()]
         text.append(_paragraph(cfg, numbers, target))
     pd.DataFrame(summary).to_csv(rep / "instruments_summary.csv", index=False)
@@ -45,11 +46,8 @@ def inside_section(out_dir: Path, df: pd.DataFrame, rep: Path, target: float):
 
 
 # -- numbers -------------------------------------------------------------------------------------
-def _numbers(g: pd.DataFrame, runs: pd.DataFrame, target: float) -> dict[str, dict]:
+def _numbers(g: pd.DataFrame, acc: pd.DataFrame, target: float) -> dict[str, dict]:
     """Per variant, the figures the paragraph quotes."""
-    from .report import curve_bands
-
-    acc = curve_bands(runs, ["test_acc"], x="step") if len(runs) else pd.DataFrame(columns=["variant", "step", "mean"])
     out = {}
     for v in [v for v in ("nobn", "bn") if v in set(g["variant"])]:
         mine, a = g[g["variant"] == v], acc[acc["variant"] == v].sort_values("step")
@@ -137,14 +135,11 @@ def _paragraph(cfg: str, n: dict[str, dict], target: float) -> str:
 
 
 # -- figures -------------------------------------------------------------------------------------
-def _figure1(g, runs, cfg, rep, stem, figs):
+def _figure1(g, bands, cfg, rep, stem, figs):
     import matplotlib.pyplot as plt
 
-    from .report import _save, curve_bands
-
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    if len(runs):
-        bands = curve_bands(runs, ["test_acc"], x="step")
+    if len(bands):
         for v in ("nobn", "bn"):
             b = bands[bands["variant"] == v]
             axes[0].plot(b["step"], b["mean"], color=PALETTE[v], label=LABELS[v])
@@ -181,8 +176,6 @@ def _figure1(g, runs, cfg, rep, stem, figs):
 def _heatmap(g, cfg, rep, stem, figs):
     import matplotlib.pyplot as plt
 
-    from .report import _save
-
     gn = g[(g["measure"] == "grad_norm") & (g["value"] > 0)]
     if gn.empty:
         return
@@ -208,8 +201,6 @@ def _heatmap(g, cfg, rep, stem, figs):
 
 def _ics(g, cfg, rep, stem, figs):
     import matplotlib.pyplot as plt
-
-    from .report import _save
 
     ics = g[g["measure"].isin(["ics_distance", "ics_cosine", "grad_change"])]
     if ics.empty:
