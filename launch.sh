@@ -48,62 +48,11 @@ if [ -z "${BNBENCH_DATA_ROOT:-}" ] && [ -d "$ROOT/../shared/data/MNIST" ]; then
     BNBENCH_DATA_ROOT=$(cd "$ROOT/../shared/data" && pwd)
 fi
 
-die() { echo "launch.sh: error: $*" >&2; exit 2; }
-
-main_job() {
-    local nproc="" cpu=0 machines=1 out="" args=() acc=()
-    while [ $# -gt 0 ]; do
-        case "$1" in
-            -h | --help)
-                sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-                echo; echo "RUN OPTIONS (bnbench run --help):"
-                exec "$VENV/bin/bnbench" run --help ;;
-            --nproc) [ $# -ge 2 ] || die "--nproc needs a number"; nproc=$2; shift 2 ;;
-            --nproc=*) nproc=${1#*=}; shift ;;
-            --cpu) cpu=1; shift ;;
-            --num_machines) [ $# -ge 2 ] || die "$1 needs a value"; machines=$2; shift 2 ;;
-            --num_machines=*) machines=${1#*=}; shift ;;
-            --machine_rank | --main_process_ip | --main_process_port)
-                [ $# -ge 2 ] || die "$1 needs a value"; acc+=("$1" "$2"); shift 2 ;;
-            --machine_rank=* | --main_process_ip=* | --main_process_port=*) acc+=("$1"); shift ;;
-            --out) [ $# -ge 2 ] || die "--out needs a folder"; out=$2; shift 2 ;;
-            --out=*) out=${1#*=}; shift ;;
-            *) args+=("$1"); shift ;;
-        esac
-    done
-    [[ -z "$nproc" || "$nproc" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$nproc'"
-    [[ "$machines" =~ ^[1-9][0-9]*$ ]] || die "--num_machines must be a positive integer, got '$machines'"
-    local gpus=0
-    [ "$cpu" = 1 ] || gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-    if [ -z "$nproc" ]; then
-        nproc=$(( gpus > 0 ? gpus : 1 ))
-    fi
-    [ "$gpus" -gt 0 ] || cpu=1
-    [ "$cpu" = 1 ] && args+=(--cpu)
-    [ -n "$out" ] || out="runs/lab-$(date -u +%Y%m%dT%H%M%S)"
-    local total=$(( nproc * machines ))
-    if [ "$total" = 1 ]; then
-        exec "$VENV/bin/bnbench" run --out "$out" --report "${args[@]}"
-    fi
-    # accelerate's --multi_gpu is its DDP mode; on CPUs ACCELERATE_USE_CPU=true makes it gloo
-    # (without it, N processes would each train alone on all the data; bnbench refuses that).
-    [ "$cpu" = 1 ] && export ACCELERATE_USE_CPU=true
-    echo "launch.sh: $total processes ($nproc per machine x $machines), $([ "$cpu" = 1 ] && echo "CPU, gloo" || echo "GPU, nccl")" >&2
-    local rc=0
-    "$VENV/bin/accelerate" launch --multi_gpu --num_processes "$total" --num_machines "$machines" \
-        --mixed_precision no --dynamo_backend no "${acc[@]}" \
-        -m bnbench run --out "$out" --report "${args[@]}" || rc=$?
-    if [ "$rc" != 0 ]; then
-        echo "launch.sh: the launch failed (exit $rc); the failing rank is named above. Completed epochs are in $out/results.jsonl" >&2
-    fi
-    return "$rc"
-}
-
 bootstrap
 cmd=${1:-}
 case "$cmd" in
     "" | -*)
-        main_job "$@"
+        exec "$PY" -m bnbench.main_job "$@"  # src/bnbench/main_job.py
         ;;
     test)
         shift

@@ -74,7 +74,7 @@ def train_steps(cfg, splits, acc, steps: int) -> Trainer:
     order = tr.epoch_order(1)
     loss_sum = torch.zeros(len(tr.members), dtype=torch.float64, device=tr.device)
     for t in range(steps):
-        tr.step(*tr.gather(order, t), loss_sum)
+        tr.step(*tr.batch_at(order, t), loss_sum)
     return tr
 
 
@@ -127,7 +127,7 @@ def main() -> int:
         checks["sync_path_vs_bn"] = {"max_abs": max_diff(synced, plain), "bound": 1e-10, "backend": dist.get_backend()}
         ref_sync = train_steps(make_config(engine="reference", sync_bn=True, variants=("bn",), **kw), sub, acc, steps)
         ref_plain = train_steps(make_config(engine="reference", variants=("bn",), **kw), sub, acc, steps)
-        kind = type(ref_sync.units[0].net[1]).__name__
+        kind = type(ref_sync.stacks[0].net[1]).__name__
         checks["reference_sync_vs_bn"] = {"max_abs": max_diff(ref_sync, ref_plain), "bound": 1e-10, "module": kind}
 
         # -- timings, float32 -------------------------------------------------------
@@ -139,7 +139,7 @@ def main() -> int:
                 cfg = make_config(engine=engine, seeds=tuple(range(k)), variants=("nobn" if variant == "nobn" else "bn",),
                                   sync_bn=variant == "sync-bn")
                 tr = Trainer(cfg, full, acc)
-                xb, yb = tr.gather(tr.epoch_order(1), 0)
+                xb, yb = tr.batch_at(tr.epoch_order(1), 0)
                 ls = torch.zeros(len(tr.members), dtype=torch.float64, device=device)
                 s = timed(lambda: tr.step(xb, yb, ls), device, 20 if a.quick else 100)
                 timings[f"step/{engine}/K{k}/{variant}"] = {"s": s, "member_samples_per_s": k * 100 / s}

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from bnbench.config import make_config
-from bnbench.engine import Trainer, training_function
+from bnbench.engine import Trainer
+from bnbench.run import Setup, training_function
 from bnbench.models import init_linears, reference_mlp
 
 SEEDS = {"default": tuple(range(5)), "32seeds": tuple(range(32))}
@@ -83,7 +84,7 @@ def test_bare_step_loop(benchmark, mnist, accelerator):
     def loop():
         order = trainer.epoch_order(next(epochs))
         for t in range(trainer.steps_per_epoch()):
-            trainer.step(*trainer.gather(order, t), loss_sum)
+            trainer.step(*trainer.batch_at(order, t), loss_sum)
 
     benchmark.pedantic(loop, rounds=3, warmup_rounds=1)
     benchmark.extra_info["member_samples_per_s"] = len(trainer.members) * 60_000 / benchmark.stats.stats.median
@@ -100,7 +101,7 @@ def test_run_loop(benchmark, mnist, accelerator, tmp_path):
     def run():
         out = tmp_path / f"r{next(runs)}"
         t0 = time.perf_counter()
-        training_function(make_config(epochs=epochs), out, quiet=False, accelerator=accelerator, splits=mnist)
+        training_function(make_config(epochs=epochs), out, Setup(accelerator=accelerator, splits=mnist), quiet=False)
         walls.append(time.perf_counter() - t0)
         rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
         rates.extend(r["samples_per_s"] for r in rows if r["epoch"] > 1 and r["seed"] == 0 and r["variant"] == "bn")

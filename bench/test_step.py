@@ -37,7 +37,7 @@ def test_train_step(benchmark, request, mnist, accelerator, engine, k, variant):
     trainer = Trainer(cfg, mnist, accelerator)
     assert trainer.sync_bn == (variant == "sync-bn")
     order = trainer.epoch_order(1)
-    xb, yb = trainer.gather(order, 0)
+    xb, yb = trainer.batch_at(order, 0)
     loss_sum = torch.zeros(len(trainer.members), dtype=torch.float64)
     benchmark.pedantic(trainer.step, args=(xb, yb, loss_sum), rounds=30, iterations=5, warmup_rounds=3)
     benchmark.extra_info["member_samples_per_s"] = k * trainer.batch / benchmark.stats.stats.median
@@ -45,7 +45,7 @@ def test_train_step(benchmark, request, mnist, accelerator, engine, k, variant):
 
 def _default_step(mnist, accelerator, **cfg):
     trainer = Trainer(make_config(**cfg), mnist, accelerator)
-    xb, yb = trainer.gather(trainer.epoch_order(1), 0)
+    xb, yb = trainer.batch_at(trainer.epoch_order(1), 0)
     loss_sum = torch.zeros(len(trainer.members), dtype=torch.float64)
     return trainer, (xb, yb, loss_sum)
 
@@ -79,7 +79,7 @@ def test_optimizer_step(benchmark, mnist, accelerator, fused):
     from bnbench.engine import make_optimizer
 
     trainer, _ = _default_step(mnist, accelerator, variants=("bn",))
-    params = list(trainer.units[0].net.parameters())
+    params = list(trainer.stacks[0].net.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
     opt = make_optimizer(trainer.cfg, params, fused=fused)

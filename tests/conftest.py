@@ -49,6 +49,21 @@ def subset(splits, n_train: int, n_test: int):
     return Splits(splits.train_x[:n_train], splits.train_y[:n_train], splits.test_x[:n_test], splits.test_y[:n_test], splits.sources)
 
 
+def make_setup(accelerator, splits=None, data_root=None, on_trainer=None):
+    """The run's Setup with the session's accelerator and data; on_trainer(trainer) sees or perturbs
+    the members before training."""
+    from bnbench.run import Setup
+
+    class TestSetup(Setup):
+        def trainer(self, *args):
+            trainer = super().trainer(*args)
+            if on_trainer is not None:
+                on_trainer(trainer)
+            return trainer
+
+    return TestSetup(data_root=data_root, accelerator=accelerator, splits=splits)
+
+
 @pytest.fixture(scope="session")
 def accelerator():
     from accelerate import Accelerator

@@ -191,8 +191,8 @@ def test_silent_mode_is_refused_when_launched(tmp_path):
     script = tmp_path / "silent.py"
     script.write_text(
         "import sys\nfrom accelerate import Accelerator\nfrom bnbench.config import make_config\n"
-        "from bnbench.engine import training_function\n"
-        "training_function(make_config(epochs=1, seeds=(0,)), sys.argv[1], quiet=True, accelerator=Accelerator())\n"
+        "from bnbench.run import Setup, training_function\n"
+        "training_function(make_config(epochs=1, seeds=(0,)), sys.argv[1], Setup(accelerator=Accelerator()), quiet=True)\n"
     )
     cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), str(tmp_path / "out")]
     proc = subprocess.run(cmd, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)

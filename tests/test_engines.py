@@ -88,7 +88,7 @@ def test_training_batches_are_shared_by_variants(accelerator, mnist_cpu):
     splits = subset(mnist_cpu["float32"], 200, 50)
     t = Trainer(cfg, splits, accelerator)
     seen: dict = {}
-    for u in t.units:
+    for u in t.stacks:
         key = t.members[u.members.start]
         u.model.register_forward_pre_hook(lambda m, args, key=key: seen.setdefault(key, []).append(args[0].clone()) if m.training else None)
     t.train_epoch(1)

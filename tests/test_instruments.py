@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnbench.config import ConfigError, make_config
-from bnbench.engine import Trainer, epoch_permutation, training_function
-from bnbench.instruments import PROBE_SAMPLES, PROBE_UNITS, QUANTILES
+from bnbench.engine import Trainer, epoch_permutation
+from bnbench.instruments import PROBE_SAMPLES, PROBE_NEURONS, QUANTILES
 from bnbench.models import init_linears, reference_mlp
-from bnbench.results import INSTRUMENTS_FILE, move_rows_aside, read_instruments, read_results
+from bnbench.folder import INSTRUMENTS_FILE, move_rows_aside
+from bnbench.results import read_instruments, read_results
+from bnbench.run import training_function
 
-from conftest import subset
+from conftest import make_setup, subset
 
 TINY = dict(hidden=(6, 5), activation="sigmoid", bn_drop_bias=True, optimizer="sgd", lr=0.5, batch_size=20,
             seeds=(0, 1), dtype="float64", instrument=True, instrument_every=3, ics_every=4, ics_etas=(0.1, 0.7))
@@ -83,9 +85,9 @@ def _hand_run(cfg, splits, steps: int) -> list[dict]:
                     for i, lin in enumerate(linears):
                         rows.append({**key, "step": g, "measure": "grad_norm", "layer": i + 1, "value": lin.weight.grad.norm().item()})
                     with torch.no_grad():
-                        h = _hand_preacts(model, probe)[-1][:, list(PROBE_UNITS)]
+                        h = _hand_preacts(model, probe)[-1][:, list(PROBE_NEURONS)]
                     qs = torch.quantile(h, torch.tensor(QUANTILES, dtype=h.dtype), dim=0)
-                    for j, unit in enumerate(PROBE_UNITS):
+                    for j, unit in enumerate(PROBE_NEURONS):
                         for qi, q in enumerate(QUANTILES):
                             rows.append({**key, "step": g, "measure": "preact", "layer": len(linears) - 1,
                                          "neuron": unit, "q": q, "value": qs[qi, j].item()})
@@ -179,8 +181,8 @@ def test_percentiles_are_torch_quantile_of_the_last_hidden_input(mnist_cpu, acce
     for w, b in inits[:-1]:
         z = h @ w.T + b
         h = torch.sigmoid(z)
-    want = torch.quantile(z[:, list(PROBE_UNITS)], torch.tensor(QUANTILES), dim=0)
-    got = torch.tensor([[pre[(pre["neuron"] == u) & (pre["q"] == q)]["value"].item() for u in PROBE_UNITS] for q in QUANTILES], dtype=torch.float64)
+    want = torch.quantile(z[:, list(PROBE_NEURONS)], torch.tensor(QUANTILES), dim=0)
+    got = torch.tensor([[pre[(pre["neuron"] == u) & (pre["q"] == q)]["value"].item() for u in PROBE_NEURONS] for q in QUANTILES], dtype=torch.float64)
     torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-6)
     assert state["0.weight"].shape == (6, 784) and len(pre) == 9 and (pre["step"] == 0).all()
 
@@ -189,8 +191,8 @@ def _tiny_run(tmp_path, accelerator, splits, name, **over):
     got = {}
     kw = dict(hidden=(16, 16), activation="sigmoid", bn_drop_bias=True, optimizer="sgd", lr=0.3, batch_size=50,
               epochs=2, seeds=(0, 1), **over)
-    run_id = training_function(make_config("seed", **kw), tmp_path / name, quiet=True, accelerator=accelerator,
-                               splits=splits, trainer_hook=lambda t: got.setdefault("trainer", t))
+    setup = make_setup(accelerator, splits, on_trainer=lambda t: got.setdefault("trainer", t))
+    run_id = training_function(make_config("seed", **kw), tmp_path / name, setup, quiet=True)
     return run_id, got["trainer"]
 
 

@@ -8,18 +8,19 @@ import pytest
 import torch
 
 from bnbench.config import make_config
-from bnbench.engine import training_function
 from bnbench.report import build_report, final_rows
-from bnbench.results import environment, read_results
+from bnbench.provenance import environment
+from bnbench.results import read_results
+from bnbench.run import training_function
 
-from conftest import REPO
+from conftest import REPO, make_setup
 
 
 @pytest.mark.slow
 def test_default_benchmark_reproduces_the_lab(tmp_path, data_root, accelerator):
     cfg = make_config()  # preset "seed": what ./launch.sh runs
     assert (cfg.hidden, cfg.lr, cfg.batch_size, cfg.epochs, len(cfg.seeds)) == ((32, 32), 1e-3, 100, 15, 5)
-    training_function(cfg, tmp_path, data_root=data_root, quiet=True, accelerator=accelerator)
+    training_function(cfg, tmp_path, make_setup(accelerator, data_root=data_root), quiet=True)
     df, problems = read_results(tmp_path)
     assert problems == [] and len(df) == 2 * 5 * 15
     final = final_rows(df)

@@ -10,7 +10,7 @@ def test_meta_updates_from_parallel_writers_all_kept(tmp_path):
     # Several processes merging their run into one meta.json at once: none may be lost.
     import multiprocessing as mp
 
-    from bnbench.results import update_meta
+    from bnbench.record import update_meta
 
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_meta_writer, args=(str(tmp_path), i)) for i in range(4)]
@@ -27,7 +27,7 @@ def test_meta_updates_from_parallel_writers_all_kept(tmp_path):
 
 
 def _meta_writer(path, i):
-    from bnbench.results import update_meta
+    from bnbench.record import update_meta
 
     for n in range(20):
         update_meta(path, f"run{i}", {"n": n})

@@ -12,14 +12,15 @@ import torch
 
 from bnbench import data
 from bnbench.config import ConfigError, make_config
-from bnbench.engine import Trainer, training_function
+from bnbench.engine import Trainer
+from bnbench.run import training_function
 from bnbench.results import SCHEMA, read_results
 
-from conftest import REPO, subset
+from conftest import REPO, make_setup, subset
 
 
-def _run(cfg, out, splits, accelerator, **kw):
-    return training_function(cfg, out, quiet=True, accelerator=accelerator, splits=splits, **kw)
+def _run(cfg, out, splits, accelerator, on_trainer=None):
+    return training_function(cfg, out, make_setup(accelerator, splits, on_trainer=on_trainer), quiet=True)
 
 
 def test_results_schema_and_meta(tmp_path, accelerator, mnist_cpu):
@@ -78,14 +79,14 @@ def test_diverged_member_marked_others_untouched(tmp_path, accelerator, mnist_cp
 
     def poison(trainer):
         # Make nobn/seed1 blow up as a diverging member would: NaN in one weight.
-        for u in trainer.units:
+        for u in trainer.stacks:
             if u.variant == "nobn" and u.members.start <= trainer.members.index(("nobn", 1)) < u.members.stop:
                 w = trainer.accelerator.unwrap_model(u.model).parameters().__next__()
                 with torch.no_grad():
                     (w[1] if engine == "stacked" else w)[0, 0] = float("nan")
 
     _run(cfg, tmp_path / "clean", splits, accelerator)
-    _run(cfg, tmp_path / "bad", splits, accelerator, trainer_hook=poison)
+    _run(cfg, tmp_path / "bad", splits, accelerator, on_trainer=poison)
     clean, _ = read_results(tmp_path / "clean")
     bad, _ = read_results(tmp_path / "bad")
     sick = (bad["variant"] == "nobn") & (bad["seed"] == 1)
@@ -178,7 +179,7 @@ def test_refuses_the_silent_multiprocess_mode(tmp_path, data_root, monkeypatch, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("trained in the silent mode"))
     with pytest.raises(ConfigError, match="launcher started 2 processes but Accelerate sees 1"):
-        training_function(make_config(epochs=1), tmp_path, quiet=True, accelerator=accelerator)
+        training_function(make_config(epochs=1), tmp_path, make_setup(accelerator), quiet=True)
 
 
 def test_readme_documents_every_column_and_command():
@@ -200,12 +201,12 @@ def test_a_sigterm_while_the_failure_is_recorded_still_records_it(tmp_path, acce
     # (seen in CI: the run stayed `running`). The status write finishes; the signal comes after it.
     import signal
 
-    from bnbench import cli, results
+    from bnbench import cli, record
 
     def peer_gone(self, stop, on_step=None):
         raise RuntimeError("Connection closed by peer")
 
-    real = results.update_meta
+    real = record.update_meta
 
     def sigterm_mid_write(out_dir, run_id, meta):
         if meta.get("status") == "failed":
@@ -213,7 +214,7 @@ def test_a_sigterm_while_the_failure_is_recorded_still_records_it(tmp_path, acce
         real(out_dir, run_id, meta)
 
     monkeypatch.setattr(Trainer, "train_steps", peer_gone)
-    monkeypatch.setattr(results, "update_meta", sigterm_mid_write)
+    monkeypatch.setattr(record, "update_meta", sigterm_mid_write)
     old = signal.signal(signal.SIGTERM, cli._on_sigterm)
     try:
         with pytest.raises(cli.Terminated):  # delivered once the write is done

@@ -14,9 +14,11 @@ import pandas as pd
 import pytest
 
 from bnbench import cli
-from bnbench.config import Config, ConfigError, FolderBusy, make_config
-from bnbench.results import FolderLock, ResultsWriter, move_rows_aside, read_results, repair_tail
-from bnbench.sweep import example, load_sweep, plan, run_argv, run_sweep
+from bnbench.config import ConfigError, make_config, run_argv
+from bnbench.folder import FolderBusy, FolderLock, move_rows_aside, repair_tail
+from bnbench.results import ResultsWriter, read_results
+from bnbench.sweep import run_sweep
+from bnbench.sweepfile import example, load_sweep, plan
 
 from conftest import REPO, mnist_root
 
@@ -347,7 +349,7 @@ case = [
 
 
 def test_status_of_a_folder_of_plain_runs(tmp_path, capsys):
-    from bnbench.results import update_meta
+    from bnbench.record import update_meta
     from bnbench.sweep import status
 
     with ResultsWriter(tmp_path) as w:
@@ -410,52 +412,151 @@ def test_second_sweep_refused_and_a_killed_sweep_takes_its_ranks_down(tmp_path):
     # Sweep A runs a 2-process unit under accelerate launch. While it holds the folder, a second
     # sweep and a plain run into it are refused. Then A is killed with SIGKILL mid-unit: its
     # launcher and ranks must die with it (no orphan writing on), and a resume finishes the unit.
-    path = write(tmp_path, """
+    # "While the unit runs" holds by construction, not by timing: the test stops the unit's
+    # processes (SIGSTOP) for the checks and again for the kill, so that however slow or busy the
+    # machine, the unit cannot finish in between. A unit that ends before it is held fails the test.
+    epochs = 2
+    path = write(tmp_path, f"""
 [fixed]
-epochs = 3
+epochs = {epochs}
 seeds = [0]
-batch_size = 500
+batch_size = 100            # 600 steps an epoch: after epoch 1's rows the unit runs a whole epoch more
 [grid]
 nproc = [2]
 """)
     out = tmp_path / "out"
-    a = sweep_cli("sweep", path, "--out", out, tmp=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not ((out / "units.jsonl").exists() and (out / "units.jsonl").read_text()) and a.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert a.poll() is None
-    b = sweep_cli("sweep", path, "--out", out, tmp=tmp_path)
-    assert b.returncode == 1 and f"results folder {out} is in use by bnbench sweep (pid {a.pid} on" in b.stderr, b.stderr
-    r = sweep_cli("run", "--epochs", "1", "--out", out, tmp=tmp_path)
-    assert r.returncode == 1 and "is in use by bnbench sweep" in r.stderr and "Traceback" not in r.stderr
-    s = sweep_cli("status", out, tmp=tmp_path)
-    assert s.returncode == 0 and "1 running" in s.stdout and "a sweep holds the folder now" in s.stdout, s.stdout
+    results = out / "results.jsonl"
 
-    while not ((out / "results.jsonl").exists() and (out / "results.jsonl").read_text()) and time.time() < deadline:
-        time.sleep(0.2)  # epoch 1 of the unit is on disk
-    ranks = [pid for pid in processes_mentioning(str(out)) if pid != a.pid]
-    assert len(ranks) >= 3, ranks  # the launcher and its two ranks
-    a.send_signal(signal.SIGKILL)
-    a.wait()
-    gone = time.time() + 15  # SIGTERM ends a rank within a second or two
-    while processes_mentioning(str(out)) and time.time() < gone:
-        time.sleep(0.2)
-    assert processes_mentioning(str(out)) == [], "a unit's processes outlived the killed sweep"
-    (meta,) = json.loads((out / "meta.json").read_text())["runs"].values()
-    assert meta["status"] == "interrupted"  # the ranks were told (SIGTERM), not cut off
+    def whole_rows() -> list[bytes]:  # results.jsonl's whole lines (a row being written is not one yet)
+        raw = results.read_bytes() if results.exists() else b""
+        return raw[: raw.rfind(b"\n") + 1].splitlines(keepends=True)
+
+    def stat(pid: int) -> list[str]:  # /proc/PID/stat after the command name: state, ppid, ...; [] once gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return []
+
+    def cmdline(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    held: set[int] = set()  # every process the test stopped: none is left stopped, whatever fails
+
+    def hold(why: str) -> set[int]:
+        """SIGSTOP the unit's processes (all that name the folder but sweep A); return them once all
+        are stopped. Fails the test if the unit or the sweep ended first."""
+        pids = set(processes_mentioning(str(out))) - {a.pid}
+        held.update(pids)
+        lost = []
+        for pid in sorted(pids):
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                lost.append(pid)
+        until = time.time() + 30
+        while any(stat(pid)[:1] not in (["T"], ["t"], []) for pid in pids) and time.time() < until:
+            time.sleep(0.01)  # SIGSTOP is sent, not yet taken: wait until each process is stopped
+        states = {pid: (stat(pid) or ["gone"])[0] for pid in sorted(pids)}
+        if a.poll() is not None or not pids or lost or set(states.values()) - {"T", "t"}:
+            pytest.fail(f"precondition violated ({why}): the unit was to be held running, but sweep A "
+                        f"{'exited with ' + str(a.returncode) if a.poll() is not None else 'runs'}; the unit's "
+                        f"processes and their states once stopped: {states}, of which {sorted(lost)} had ended "
+                        f"before SIGSTOP; results.jsonl has {len(whole_rows())} of the unit's {epochs * 2} rows")
+        if len(whole_rows()) >= epochs * 2:
+            pytest.fail(f"precondition violated ({why}): the unit had written all its {epochs * 2} rows before it was held")
+        return pids
+
+    def resume(pids: set[int]) -> None:
+        for pid in sorted(pids):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    a = sweep_cli("sweep", path, "--out", out, tmp=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        # The launcher and its two ranks exist, the ranks started as themselves: a child forked but not
+        # yet exec'd still shows the launcher's command line, and stopping it then would leave the
+        # launcher blocked in vfork, where it cannot stop.
+        while True:
+            unit = set(processes_mentioning(str(out))) - {a.pid}
+            started = [pid for pid in unit if str(out).encode() in cmdline(pid) and b"accelerate.commands.launch" not in cmdline(pid)]
+            if len(unit) >= 3 and len(started) >= 2:
+                break
+            if a.poll() is not None or time.time() > deadline:
+                pytest.fail(f"precondition violated: the unit's launcher and 2 ranks never ran (sweep A: exit status "
+                            f"{a.poll()}; the unit's processes: {sorted(unit)}, of which started: {sorted(started)})")
+            time.sleep(0.05)
+        unit = hold("checks while the unit runs")
+        rows_held = whole_rows()
+        b = sweep_cli("sweep", path, "--out", out, tmp=tmp_path)
+        assert b.returncode == 1 and f"results folder {out} is in use by bnbench sweep (pid {a.pid} on" in b.stderr, b.stderr
+        r = sweep_cli("run", "--epochs", "1", "--out", out, tmp=tmp_path)
+        assert r.returncode == 1 and "is in use by bnbench sweep" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        s = sweep_cli("status", out, tmp=tmp_path)
+        assert s.returncode == 0 and "1 running" in s.stdout and "a sweep holds the folder now" in s.stdout, s.stdout
+        assert a.poll() is None and whole_rows() == rows_held, "the held unit moved on"
+        resume(unit)
+
+        # Epoch 1's rows are on disk: stop the unit again at once, in its second epoch, and kill A.
+        while len(whole_rows()) < 2 and a.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        unit = hold("the kill mid-unit")
+        (launcher,) = [pid for pid in unit if stat(pid)[1] == str(a.pid)]
+        ranks = sorted(pid for pid in unit if stat(pid)[1] == str(launcher))
+        assert len(ranks) == 2 and set(unit) == {launcher, *ranks}, (launcher, ranks, unit)
+        (meta,) = json.loads((out / "meta.json").read_text())["runs"].values()
+        assert meta["status"] == "running"
+        at_kill = whole_rows()
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        gone = time.time() + 15
+        while stat(launcher)[:1] not in (["Z"], []) and time.time() < gone:
+            time.sleep(0.05)  # SIGKILL ends a stopped process too
+        assert stat(launcher)[:1] in (["Z"], []), "the launcher outlived the killed sweep"
+        for pid in ranks:  # their parent's death sent them SIGTERM; stopped, they have not taken it yet
+            fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+            pending = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+            assert pending & (1 << (signal.SIGTERM - 1)), f"rank {pid} has no SIGTERM pending: {fields['ShdPnd']}"
+        resume(unit)
+        gone = time.time() + 15  # SIGTERM ends a rank within a second or two
+        while processes_mentioning(str(out)) and time.time() < gone:
+            time.sleep(0.2)
+        assert processes_mentioning(str(out)) == [], "a unit's processes outlived the killed sweep"
+        assert results.read_bytes() == b"".join(at_kill), "rows written after the kill"
+        ((killed_run, meta),) = json.loads((out / "meta.json").read_text())["runs"].items()
+        assert meta["status"] == "interrupted", meta  # the ranks were told (SIGTERM), not cut off
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+        for pid in held & set(processes_mentioning(str(out))):  # still the unit's: kill it, and let it run to die
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
     s = sweep_cli("status", out, tmp=tmp_path)
     assert "1 interrupted" in s.stdout and "reruns from the start on resume" in s.stdout, s.stdout
 
     p = sweep_cli("sweep", path, "--out", out, tmp=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert "moved to" in p.stderr and "[1/1] unit 1 (the one configuration): epoch 3/3" in p.stderr  # plain lines
+    assert "moved to" in p.stderr and f"[1/1] unit 1 (the one configuration): epoch {epochs}/{epochs}" in p.stderr  # plain lines
     rows, problems = read_results(out)
     planned = json.loads((out / "plan.json").read_text())["units"]
     # The launched ranks computed the same unit id as the planner; one whole unit, no duplicates.
-    assert problems == [] and len(rows) == 3 * 2 and set(rows["unit"]) == {planned[0]["id"]}
+    assert problems == [] and len(rows) == epochs * 2 and set(rows["unit"]) == {planned[0]["id"]}
     assert not rows.duplicated(["variant", "seed", "epoch"]).any()
+    assert sorted(zip(rows["epoch"], rows["variant"])) == [(e, v) for e in range(1, epochs + 1) for v in ("bn", "nobn")]
     assert (rows["world_size"] == 2).all() and (rows["backend"] == "gloo").all() and (rows["test_total"] == 10000).all()
-    assert list((out / "superseded").glob("*.jsonl")), "the killed attempt's epoch rows were not kept aside"
+    # The killed attempt's rows, as they were when it was killed, are kept aside, not lost.
+    aside = list((out / "superseded").glob("*.jsonl"))
+    assert [f.name for f in aside] == [f"{killed_run}.jsonl"]
+    assert aside[0].read_bytes().splitlines(keepends=True) == at_kill, "the killed attempt's epoch rows were not kept aside"
 
 
 def test_sigkill_at_random_moments_then_resume_equals_one_clean_run(tmp_path):

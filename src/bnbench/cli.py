@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import os
 import signal
 import sys
@@ -17,27 +18,21 @@ import time
 from pathlib import Path
 
 from .config import (
-    ACTIVATIONS,
     DATASETS,
     DEFAULT_PRESET,
-    DTYPES,
-    ENGINES,
-    SWEEP_CHILD_ENV,
-    OPTIMIZERS,
     PRESETS,
-    VARIANTS,
+    Config,
     ConfigError,
-    FolderBusy,
-    LaunchError,
-    die_with_parent,
-    launched_rank,
-    launched_world,
+    flag,
     make_config,
     parse_float_list,
     parse_int_list,
     parse_list,
     parse_seeds,
+    settings,
 )
+from .folder import FolderBusy
+from .launch import SWEEP_CHILD_ENV, LaunchError, die_with_parent, launched_rank, launched_world
 
 
 def _positive_int(text: str) -> int:
@@ -76,7 +71,62 @@ def _wrap(parse):
     return f
 
 
-def build_parser() -> argparse.ArgumentParser:
+# How a setting's kind is read from the command line; Config's validation does the rest.
+_PARSE = {
+    "str": str,
+    "int": _positive_int,
+    "float": float,
+    "ints": parse_int_list,
+    "strs": parse_list,
+    "floats": parse_float_list,
+    "seeds": parse_seeds,
+}
+GROUPS = {"instruments": "what BN changes inside the network, to DIR/instruments.jsonl; "
+                         "training is bitwise the same with them on; one process only"}
+
+
+def _default_text(f) -> str:
+    """The value a run gets without the option: the default preset's, else the field's."""
+    value = PRESETS[DEFAULT_PRESET].get(f.name, f.default)
+    if value is None:
+        return ""
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else value
+    return f" (default {shown})"
+
+
+def add_setting_options(parser: argparse.ArgumentParser, cls=Config) -> None:
+    """One option per setting of cls, from its declaration: --name, its kind, help and default.
+
+    Every default is None (an option not given): the preset's value, then the field's, applies.
+    """
+    groups = {}
+    for f in settings(cls):
+        m = f.metadata
+        where = parser
+        if m["group"]:
+            if m["group"] not in groups:
+                groups[m["group"]] = parser.add_argument_group(m["group"], GROUPS.get(m["group"]))
+            where = groups[m["group"]]
+        listed = not m["choices"] or all(c in m["help"] for c in m["choices"])
+        text = m["help"] + ("" if listed else f"; one of: {', '.join(m['choices'])}")
+        if f.name == "preset":
+            where.add_argument(flag(f.name), default=DEFAULT_PRESET, help=f"starting values; one of: {', '.join(PRESETS)} "
+                               f"(default {DEFAULT_PRESET}; bnbench list shows them)")
+        elif m["kind"] == "bool":
+            where.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                               help=text + _default_text(f))
+        else:
+            parse = _PARSE[m["kind"]]
+            if m["kind"] == "int" and m["check"] == "non_negative":
+                parse = _non_negative_int
+            elif m["kind"] == "float" and m["check"] == "positive":
+                parse = _positive_float
+            if m["kind"] in ("ints", "floats"):
+                parse = partial(parse, what=flag(f.name))
+            where.add_argument(flag(f.name), type=_wrap(parse), metavar=m["metavar"], help=text + _default_text(f))
+
+
+def build_parser(config_cls=Config) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bnbench",
         description="What batch normalization buys a network: BN vs no-BN MLPs, many seeds, exact metrics.",
@@ -84,42 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     r = sub.add_parser("run", help="train BN and no-BN members over seeds; append rows to DIR/results.jsonl")
-    r.add_argument("--preset", default=DEFAULT_PRESET, help=f"starting values (default {DEFAULT_PRESET}); one of: {', '.join(PRESETS)}")
-    r.add_argument("--dataset", help=f"one of: {', '.join(DATASETS)} (preset: mnist)")
-    r.add_argument("--epochs", type=_positive_int, help="passes over the training set (preset: 15)")
-    r.add_argument("--batch-size", type=_positive_int, help="global mini-batch in samples, split over the processes (preset: 100)")
-    r.add_argument("--per-device-batch", type=_positive_int, help="instead: samples per process per step (global = this x processes)")
-    r.add_argument("--lr", type=_positive_float, help="learning rate (preset: 1e-3)")
-    r.add_argument("--hidden", type=_wrap(lambda t: parse_int_list(t, "--hidden")), help="hidden widths, e.g. 32,32 (preset)")
-    r.add_argument("--activation", help=f"one of: {', '.join(ACTIVATIONS)} (preset: relu)")
-    r.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)} (preset: adam)")
-    r.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
-    r.add_argument("--seeds", type=_wrap(parse_seeds), help="e.g. 0,3,7 or 0-9 (preset: 0-4)")
-    r.add_argument("--variants", type=parse_list, help=f"comma list of: {', '.join(VARIANTS)} (default both)")
-    r.add_argument("--engine", help=f"one of: {', '.join(ENGINES)} (default stacked)")
-    r.add_argument("--dtype", help=f"one of: {', '.join(DTYPES)} (default float32)")
-    r.add_argument("--sync-bn", action="store_true", default=None, help="BN statistics over the global batch across processes")
+    add_setting_options(r, config_cls)
     r.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                    help="multi-process runs: limit for process-group set-up and any one collective (default 600)")
-    r.add_argument("--cpu", action="store_true", default=None, help="train on the CPU even when a GPU is visible")
-    r.add_argument("--compile", action="store_true", default=None, help="torch.compile each unit's step (compile time reported apart)")
-    r.add_argument("--tf32", action="store_true", default=None, help="allow TF32 matmuls on the GPU (default off, for comparability)")
-    r.add_argument("--eval-batch", type=_positive_int, help="samples per evaluation chunk (memory only; default 10000)")
-    r.add_argument("--repeat", type=_wrap(_non_negative_int), help="index of a repeated launch of the same config (recorded; default 0)")
-    r.add_argument("--bn-drop-bias", action=argparse.BooleanOptionalAction, default=None,
-                   help="no Linear bias before BN: BN's shift replaces it (presets ioffe2015, deep: on; seed: off)")
-    r.add_argument("--eval-every", type=_positive_int, metavar="STEPS",
-                   help="evaluate and write rows every STEPS steps instead of every epoch")
-    ins = r.add_argument_group("instruments", "what BN changes inside the network, to DIR/instruments.jsonl; "
-                               "training is bitwise the same with them on; one process only")
-    ins.add_argument("--instrument", action="store_true", default=None,
-                     help="record per-layer gradient norms, pre-activation percentiles and ICS measures")
-    ins.add_argument("--instrument-every", type=_positive_int, metavar="N",
-                     help="steps between gradient-norm and percentile records (default 100)")
-    ins.add_argument("--ics-every", type=_positive_int, metavar="M",
-                     help="steps between Santurkar et al. ICS and gradient-predictiveness measures (default 1000)")
-    ins.add_argument("--ics-etas", type=_wrap(lambda t: parse_float_list(t, "--ics-etas")), metavar="ETAS",
-                     help="step sizes along the gradient for predictiveness (default 0.05,0.1,0.2,0.4)")
     r.add_argument("--data-root", help="folder with the four IDX files (default: $BNBENCH_DATA_ROOT, the cache, a download)")
     r.add_argument("--out", help="results folder (default runs/<UTC time>)")
     r.add_argument("--report", action="store_true", help="build the report when the run completes")
@@ -157,44 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(a) -> int:
-    from .engine import training_function
+    from .run import Setup, training_function
 
-    variants = a.variants
-    if variants is not None and not variants:
-        raise ConfigError(f"no variants given; valid: {', '.join(VARIANTS)}")
-    cfg = make_config(
-        a.preset,
-        dataset=a.dataset,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        per_device_batch=a.per_device_batch,
-        lr=a.lr,
-        hidden=a.hidden,
-        activation=a.activation,
-        optimizer=a.optimizer,
-        momentum=a.momentum,
-        seeds=a.seeds,
-        variants=variants,
-        engine=a.engine,
-        dtype=a.dtype,
-        sync_bn=a.sync_bn,
-        cpu=a.cpu,
-        compile=a.compile,
-        tf32=a.tf32,
-        eval_batch=a.eval_batch,
-        repeat=a.repeat,
-        bn_drop_bias=a.bn_drop_bias,
-        eval_every=a.eval_every,
-        instrument=a.instrument,
-        instrument_every=a.instrument_every,
-        ics_every=a.ics_every,
-        ics_etas=a.ics_etas,
-    )
+    cfg = make_config(a.preset, **{f.name: getattr(a, f.name) for f in settings() if f.name != "preset"})
     out = Path(a.out or f"runs/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
     child = bool(os.environ.get(SWEEP_CHILD_ENV))
     if child:
         die_with_parent(signal.SIGTERM)  # a sweep killed with -9 takes its units down with it
-    run_id = training_function(cfg, out, data_root=a.data_root, quiet=a.quiet, dist_timeout=a.dist_timeout, hold_lock=not child)
+    setup = Setup(data_root=a.data_root, dist_timeout=a.dist_timeout)
+    run_id = training_function(cfg, out, setup, quiet=a.quiet, hold_lock=not child)
     if launched_rank() != 0:
         return 0  # rank 0 wrote the results and reports them
     print(f"results: {out / 'results.jsonl'} (run {run_id})")
@@ -206,9 +194,10 @@ def cmd_run(a) -> int:
 
 def cmd_sweep(a) -> int:
     from . import sweep
+    from .sweepfile import example
 
     if a.example:
-        print(sweep.example(), end="")
+        print(example(), end="")
         return 0
     if not a.file:
         raise ConfigError("give a sweep file (bnbench sweep SWEEP.toml), or --example for a sample")
@@ -251,11 +240,9 @@ def cmd_list(a) -> int:
     print("presets:     " + ", ".join(PRESETS))
     for name, values in PRESETS.items():
         print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    print("variants:    " + ", ".join(VARIANTS))
-    print("datasets:    " + ", ".join(DATASETS))
-    print("engines:     " + ", ".join(ENGINES))
-    print("activations: " + ", ".join(ACTIVATIONS))
-    print("optimizers:  " + ", ".join(OPTIMIZERS))
+    for f in settings():
+        if f.metadata["choices"] and f.name != "preset":
+            print(f"{f.name + ':':12s} " + ", ".join(f.metadata["choices"]))
     return 0
 
 

@@ -1,16 +1,18 @@
-"""Configuration: presets as plain values, CLI overrides, validation.
+"""Configuration: one frozen dataclass, presets as plain values, validation.
 
-One frozen dataclass describes a run. Everything that changes a result lives
-here, so that a results row plus its config reproduces the numbers.
+Everything that changes a result is a field of Config, declared once with `setting(...)`:
+its help text, kind and role live in the field's metadata, and from there come the
+`bnbench run` options (cli.py), the keys a sweep file may set (sweep.py), the argv
+that rebuilds a config (run_argv), the row columns that are settings (row_settings),
+the report's configuration key (report.py) and the unit id. A new setting is one line
+here plus its use.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import sys
 from dataclasses import dataclass
 
 VARIANTS = ("bn", "nobn")  # BatchNorm1d after each hidden Linear / the plain MLP
@@ -23,9 +25,6 @@ DTYPES = ("float32", "float64")
 # Part of every unit's identity: bump it when a change to bnbench alters any number a
 # run records (not for refactors), so that sweeps rerun what the change affects.
 TRAINING_CODE_VERSION = 1
-# Fields added after the first release enter a unit's id only when they differ from their
-# defaults: a unit that does not use them keeps its id, and sweeps already done stay done.
-LATER_FIELDS = ("bn_drop_bias", "eval_every", "instrument", "instrument_every", "ics_every", "ics_etas")
 TRAIN_SAMPLES = 60_000  # MNIST and Fashion-MNIST alike: steps per epoch = this // global batch
 
 # Presets are plain dicts of Config fields; the CLI overrides any of them.
@@ -70,99 +69,91 @@ class ConfigError(ValueError):
     """Bad user input: the message says what was wrong and what is accepted."""
 
 
-# -- the launcher's environment (torch-free, so that `bnbench --help` stays instant) --
-class LaunchError(RuntimeError):
-    """The processes of a launch could not form or keep their group."""
+# -- one declaration per setting ----------------------------------------------------------
+# Kinds: str, int, float, bool, and the lists ints, strs, floats, seeds ("0-4,7" on the command line).
+TUPLE_KINDS = ("ints", "strs", "floats", "seeds")
 
 
-class FolderBusy(RuntimeError):
-    """A results folder is held by another sweep."""
+def setting(default, help: str, kind: str, *, choices=None, check: str | None = None, column: str | bool = False,
+            sweep: bool = True, identity: bool = True, later: bool = False, group: str | None = None,
+            metavar: str | None = None):
+    """A Config field with what every consumer needs to know about it.
 
-
-def launched_rank() -> int:
-    """This process's rank as the launcher (torchrun, accelerate launch, mpirun) set it; 0 alone."""
-    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
-
-
-def launched_world() -> int:
-    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 1
-
-
-SWEEP_CHILD_ENV = "BNBENCH_SWEEP_CHILD"  # set by a sweep in the processes of its units
-
-
-def die_with_parent(signum: int, expected_parent: int | None = None) -> None:
-    """Linux: have the kernel send `signum` to this process when its parent dies, even by SIGKILL.
-
-    A sweep killed with -9 must not leave its units' processes running and writing.
-    A no-op elsewhere. expected_parent: exit at once if the parent is already gone.
+    check: "positive" / "non_negative" (numbers); None allowed where the default is None.
+    column: a row column of every result (True: described by `help`, a string: by that text).
+    sweep: a sweep file may set it. identity: part of the unit id.
+    later: added after the first release: enters the unit id only when it differs from its
+    default, so that units that do not use it keep their ids and sweeps already done stay done.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid() if expected_parent is None else expected_parent
-    ctypes.CDLL(None, use_errno=True).prctl(1, signum)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before the prctl took hold
-        os.kill(os.getpid(), signum)
+    meta = dict(help=help, kind=kind, choices=choices, check=check, column=help if column is True else column,
+                sweep=sweep, identity=identity, later=later, group=group, metavar=metavar)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class Config:
-    preset: str = DEFAULT_PRESET
-    dataset: str = "mnist"
-    hidden: tuple[int, ...] = (32, 32)
-    activation: str = "relu"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.0
-    batch_size: int | None = 100  # global mini-batch, samples, at any world size
-    per_device_batch: int | None = None  # instead: samples per process (global = this x world size)
-    epochs: int = 15
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    variants: tuple[str, ...] = VARIANTS
-    engine: str = "stacked"
-    dtype: str = "float32"
-    sync_bn: bool = False  # BN statistics over the global batch, across processes
-    cpu: bool = False  # force the CPU even when a GPU is visible
-    compile: bool = False  # torch.compile each unit's forward+loss (changes rounding, not the maths)
-    tf32: bool = False  # TF32 matmuls on Ampere+ GPUs: faster, ~1e-3 relative error; off for comparability
-    eval_batch: int = 10_000  # samples per evaluation chunk (memory only, not the result)
-    repeat: int = 0  # index of a repeated launch of this config: identity only (throughput spread)
-    bn_drop_bias: bool = False  # BN members' hidden Linears have no bias: BN's shift replaces it
-    eval_every: int | None = None  # steps per evaluation window; None: once per epoch
+    preset: str = setting(DEFAULT_PRESET, "preset the config started from", "str", choices=tuple(PRESETS),
+                          column=True, identity=False)  # its values are in the id, not its name
+    dataset: str = setting("mnist", "mnist / fashion-mnist", "str", choices=DATASETS, column=True)
+    hidden: tuple[int, ...] = setting((32, 32), "hidden widths, e.g. 32,32", "ints", column="hidden widths, e.g. '32,32'")
+    activation: str = setting("relu", "relu / sigmoid / tanh", "str", choices=ACTIVATIONS, column=True)
+    optimizer: str = setting("adam", "adam / sgd", "str", choices=OPTIMIZERS, column=True)
+    lr: float = setting(1e-3, "learning rate", "float", check="positive", column=True)
+    momentum: float = setting(0.0, "SGD momentum (0 for adam)", "float", column=True)
+    batch_size: int | None = setting(100, "global mini-batch in samples, split over the processes", "int",
+                                     check="positive",
+                                     column="global mini-batch: samples per member per step over all processes")
+    per_device_batch: int | None = setting(
+        None, "instead: samples per process per step (global = this x processes)", "int", check="positive",
+        column="samples per member per step in each process (batch_size / world_size)")
+    epochs: int = setting(15, "passes over the training set", "int", check="positive",
+                          column="epochs configured for the run")
+    seeds: tuple[int, ...] = setting((0, 1, 2, 3, 4), "init and data-order seeds, e.g. 0,3,7 or 0-9", "seeds")
+    variants: tuple[str, ...] = setting(VARIANTS, "comma list of: bn, nobn", "strs", choices=VARIANTS)
+    engine: str = setting("stacked", "stacked (all members in batched matmuls) / reference (one nn.Sequential each)",
+                          "str", choices=ENGINES, column=True)
+    dtype: str = setting("float32", "float32 / float64", "str", choices=DTYPES, column=True)
+    sync_bn: bool = setting(False, "BN training statistics over the global batch across processes (--sync-bn)",
+                            "bool", column=True)
+    cpu: bool = setting(False, "train on the CPU even when a GPU is visible", "bool",
+                        sweep=False, identity=False)  # sweeps say `device`; the device kind is in the id
+    compile: bool = setting(False, "units stepped through torch.compile (--compile); compile time is in meta.json",
+                            "bool", column=True)
+    tf32: bool = setting(False, "TF32 matmuls allowed on the GPU (--tf32); off by default, for comparability",
+                         "bool", column=True)
+    eval_batch: int = setting(10_000, "samples per evaluation chunk (memory only, not the result)", "int",
+                              check="positive")
+    repeat: int = setting(0, "index of a repeated launch of the same config (0 unless a sweep sets repeats)", "int",
+                          check="non_negative", column=True, sweep=False)  # sweeps say [sweep] repeats
+    bn_drop_bias: bool = setting(False, "BN members' hidden Linears have no bias; BN's shift replaces it "
+                                 "(--bn-drop-bias)", "bool", column=True, later=True)
+    eval_every: int | None = setting(None, "steps per evaluation window (null: once per epoch)", "int",
+                                     check="positive", column=True, later=True, metavar="STEPS")
     # Instruments (instruments.py): measured on the side, training itself is bitwise unchanged.
-    instrument: bool = False  # record gradient norms, pre-activation percentiles, ICS measures
-    instrument_every: int = 100  # steps between gradient-norm and percentile records
-    ics_every: int = 1000  # steps between the (costlier) Santurkar et al. measures
-    ics_etas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # step sizes along -gradient for predictiveness
+    instrument: bool = setting(False, "record per-layer gradient norms, pre-activation percentiles and ICS measures",
+                               "bool", later=True, group="instruments")
+    instrument_every: int = setting(100, "steps between gradient-norm and percentile records", "int",
+                                    check="positive", later=True, group="instruments", metavar="N")
+    ics_every: int = setting(1000, "steps between Santurkar et al. ICS and gradient-predictiveness measures", "int",
+                             check="positive", later=True, group="instruments", metavar="M")
+    ics_etas: tuple[float, ...] = setting((0.05, 0.1, 0.2, 0.4), "step sizes along the gradient for predictiveness",
+                                          "floats", later=True, group="instruments", metavar="ETAS")
 
     def __post_init__(self):
         # One spelling per value, so that equal configs hash equal (lr 1 is lr 1.0; lists are tuples).
-        for name in ("hidden", "seeds", "variants", "ics_etas"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "ics_etas", tuple(
-            float(e) if isinstance(e, int) and not isinstance(e, bool) else e for e in self.ics_etas))
-        for name in ("lr", "momentum"):
-            value = getattr(self, name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, name, float(value))
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.metadata["kind"]
+            if kind in TUPLE_KINDS and isinstance(value, list):
+                value = tuple(value)
+            if kind == "floats" and isinstance(value, tuple):
+                value = tuple(_as_float(v) for v in value)
+            elif kind == "float":
+                value = _as_float(value)
+            object.__setattr__(self, f.name, value)
         validate(self)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        d["seeds"] = list(self.seeds)
-        d["variants"] = list(self.variants)
-        d["ics_etas"] = list(self.ics_etas)
-        return d
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
 
     def unit_id(self, world_size: int, device_kind: str, torch_version: str) -> str:
         """The identity of one launch of this config: equal ids give equal results.
@@ -171,9 +162,9 @@ class Config:
         values are), nor is `cpu` (the device kind is). Stable across processes and
         machines: sweeps use it to skip what is done.
         """
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        fields = {k: v for k, v in self.to_dict().items() if k not in ("preset", "cpu")
-                  and not (k in LATER_FIELDS and getattr(self, k) == defaults[k])}
+        values = self.to_dict()
+        fields = {f.name: values[f.name] for f in dataclasses.fields(self) if f.metadata["identity"]
+                  and not (f.metadata["later"] and getattr(self, f.name) == f.default)}
         ident = {"config": fields, "world_size": world_size, "device": device_kind,
                  "torch": torch_version, "training_code": TRAINING_CODE_VERSION}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -204,41 +195,91 @@ class Config:
         return (784, *self.hidden, 10)
 
 
+def _as_float(value):
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# -- what the other modules derive from the declarations ------------------------------
+def settings(cls=Config) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(cls)
+
+
+def flag(name: str) -> str:
+    """The command-line option of a setting: eval_every -> --eval-every."""
+    return "--" + name.replace("_", "-")
+
+
+def sweep_kinds(cls=Config) -> dict[str, str]:
+    """Setting -> kind, for every setting a sweep file may set."""
+    return {f.name: f.metadata["kind"] for f in settings(cls) if f.metadata["sweep"]}
+
+
+def row_settings(cls=Config) -> dict[str, str]:
+    """Setting -> description, for the settings that are columns of every results row."""
+    return {f.name: f.metadata["column"] for f in settings(cls) if f.metadata["column"]}
+
+
+def row_values(cfg: Config) -> dict:
+    """The row columns that are settings, as rows hold them (lists as 'a,b' strings)."""
+    return {name: ",".join(map(str, v)) if isinstance(v := getattr(cfg, name), tuple) else v
+            for name in row_settings(type(cfg))}
+
+
+def run_argv(cfg: Config) -> list[str]:
+    """`bnbench run` options that rebuild cfg exactly (a test round-trips them)."""
+    argv = []
+    for f in settings(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue  # the default: batch_size gives way to per_device_batch, eval_every once per epoch
+        if isinstance(value, bool):
+            argv.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+        elif isinstance(value, tuple):
+            argv += [flag(f.name), ",".join(map(repr if f.metadata["kind"] == "floats" else str, value))]
+        else:
+            argv += [flag(f.name), repr(value) if isinstance(value, float) else str(value)]
+    return argv
+
+
 def _one_of(name: str, value, valid) -> None:
     if value not in valid:
         raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(map(str, valid))}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate(cfg: Config) -> None:
-    _one_of("preset", cfg.preset, tuple(PRESETS))
-    _one_of("dataset", cfg.dataset, DATASETS)
-    _one_of("engine", cfg.engine, ENGINES)
-    _one_of("activation", cfg.activation, ACTIVATIONS)
-    _one_of("optimizer", cfg.optimizer, OPTIMIZERS)
-    _one_of("dtype", cfg.dtype, DTYPES)
-    if not cfg.variants:
-        raise ConfigError("no variants given; valid: " + ", ".join(VARIANTS))
-    for v in cfg.variants:
-        _one_of("variant", v, VARIANTS)
-    if len(set(cfg.variants)) != len(cfg.variants):
-        raise ConfigError(f"variant listed twice in {','.join(cfg.variants)}")
+    # What the declarations say: choices and signs.
+    for f in settings(cfg):
+        value, m = getattr(cfg, f.name), f.metadata
+        if value is None and "None" in str(f.type):
+            continue  # an optional setting left out (batch_size gives way to per_device_batch)
+        if m["choices"] is not None:
+            if m["kind"] == "strs":
+                if not value:
+                    raise ConfigError(f"no {f.name} given; valid: {', '.join(m['choices'])}")
+                for v in value:
+                    _one_of(f.name.rstrip("s"), v, m["choices"])
+                if len(set(value)) != len(value):
+                    raise ConfigError(f"{f.name.rstrip('s')} listed twice in {','.join(value)}")
+            else:
+                _one_of(f.name, value, m["choices"])
+        if m["kind"] == "int" and m["check"]:
+            low = 1 if m["check"] == "positive" else 0
+            if not _is_int(value) or value < low:
+                raise ConfigError(f"{f.name} must be a {m['check'].replace('_', '-')} integer, got {value!r}")
+    # What relates settings to each other, or needs more than a sign.
     if (cfg.batch_size is None) == (cfg.per_device_batch is None):
         raise ConfigError("give the global --batch-size or --per-device-batch, not both")
-    for name in ("batch_size", "per_device_batch", "epochs", "eval_batch", "eval_every", "instrument_every", "ics_every"):
-        value = getattr(cfg, name)
-        if value is None and name in ("batch_size", "per_device_batch", "eval_every"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(cfg.repeat, bool) or not isinstance(cfg.repeat, int) or cfg.repeat < 0:
-        raise ConfigError(f"repeat must be a non-negative integer, got {cfg.repeat!r}")
     if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0 and cfg.lr < float("inf")):
         raise ConfigError(f"lr must be a positive finite number, got {cfg.lr!r}")
     if not (0.0 <= cfg.momentum < 1.0):
         raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum!r}")
     if cfg.momentum and cfg.optimizer != "sgd":
         raise ConfigError(f"momentum applies to --optimizer sgd only, not {cfg.optimizer}")
-    if not cfg.hidden or any((not isinstance(h, int)) or h <= 0 for h in cfg.hidden):
+    if not cfg.hidden or any((not _is_int(h)) or h <= 0 for h in cfg.hidden):
         raise ConfigError(f"hidden must be one or more positive layer widths, got {cfg.hidden!r}")
     if not cfg.ics_etas or not all(isinstance(e, float) and 0 < e < float("inf") for e in cfg.ics_etas):
         raise ConfigError(f"ics_etas must be one or more positive finite step sizes, got {cfg.ics_etas!r}")
@@ -250,6 +291,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"seeds must be non-negative, got {cfg.seeds}")
 
 
+# -- parsing the command line's spellings ---------------------------------------------
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
 
@@ -295,7 +337,7 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in str(text).split(",") if p.strip())
 
 
-def make_config(preset: str = DEFAULT_PRESET, **overrides) -> Config:
+def make_config(preset: str = DEFAULT_PRESET, cls=Config, **overrides) -> Config:
     """A preset's values with the non-None overrides applied."""
     _one_of("preset", preset, tuple(PRESETS))
     values = dict(PRESETS[preset])
@@ -304,7 +346,7 @@ def make_config(preset: str = DEFAULT_PRESET, **overrides) -> Config:
         if overrides.get("batch_size") is not None:
             raise ConfigError("give the global --batch-size or --per-device-batch, not both")
         values["batch_size"] = None  # the preset's global batch gives way to the per-process one
-    unknown = set(values) - {f.name for f in dataclasses.fields(Config)}
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    return Config(preset=preset, **values)
+    return cls(preset=preset, **values)

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError, LaunchError, launched_rank, launched_world
+from .config import ConfigError
+from .launch import LaunchError, launched_rank, launched_world
 
 
 def make_accelerator(cpu: bool = False, timeout_s: float = 600.0):

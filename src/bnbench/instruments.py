@@ -2,7 +2,7 @@
 
 Per member, every `instrument_every` steps (`step` = updates applied so far):
   grad_norm     ||dL/dW||_2 of each Linear layer's weight: the step's own gradient
-  preact        15/50/85th percentiles of the input to the nonlinearity of PROBE_UNITS of the
+  preact        15/50/85th percentiles of the input to the nonlinearity of PROBE_NEURONS of the
                 last hidden layer over a fixed probe batch (Ioffe & Szegedy 2015, Figure 1b,c)
 every `ics_every` steps (Santurkar et al. 2018, "How does batch normalization help optimization?"):
   ics_distance  ||G - G'||_2: a layer's weight gradient before (G) and after (G') the step's
@@ -29,7 +29,7 @@ from torch.func import functional_call
 from .models import layer_blocks, preactivations
 
 PROBE_SAMPLES = 1000  # the first 1,000 test images: a fixed batch, the same for every member and step
-PROBE_UNITS = (0, 1, 2)  # units of the last hidden layer whose input distribution is traced
+PROBE_NEURONS = (0, 1, 2)  # neurons of the last hidden layer whose input distribution is traced
 QUANTILES = (0.15, 0.5, 0.85)  # the paper's Figure 1(b, c)
 
 # What each measure's row carries besides its value (README: the instruments schema).
@@ -40,7 +40,7 @@ MEASURES = {
 
 
 class Instruments:
-    """Measures the units of a Trainer at its steps; rows() hands over what is pending."""
+    """Measures the stacks of a Trainer at its steps; rows() hands over what is pending."""
 
     def __init__(self, cfg, members: list[tuple[str, int]], probe_x: torch.Tensor, sync=lambda: None):
         self.every, self.ics_every, self.etas = cfg.instrument_every, cfg.ics_every, cfg.ics_etas
@@ -50,7 +50,7 @@ class Instruments:
         self.seconds = 0.0  # spent measuring: taken out of the training time the rows report
         self.pending: list[tuple[int, str, int, torch.Tensor, list[dict]]] = []
         self._before: dict[int, tuple[dict, dict]] = {}
-        self._blocks: dict[int, list[list[str]]] = {}  # per unit: its layers' parameter names
+        self._blocks: dict[int, list[list[str]]] = {}  # per stack: its layers' parameter names
 
     def blocks(self, u) -> list[list[str]]:
         if id(u) not in self._blocks:
@@ -71,9 +71,9 @@ class Instruments:
             if often:
                 norms = torch.stack([params[b[0]].grad.reshape(k, -1).norm(dim=1) for b in blocks], 1)
                 self._add(step, "grad_norm", u, norms, [{"layer": i + 1} for i in range(len(blocks))])
-                h = preactivations(net, self.probe, _buffer_copies(net))[-1][:, :, list(PROBE_UNITS)]  # [K, P, U]
+                h = preactivations(net, self.probe, _buffer_copies(net))[-1][:, :, list(PROBE_NEURONS)]  # [K, P, U]
                 q = torch.quantile(h, torch.tensor(QUANTILES, dtype=h.dtype, device=h.device), dim=1)  # [Q, K, U]
-                labels = [{"layer": len(blocks) - 1, "neuron": n, "q": qq} for n in PROBE_UNITS for qq in QUANTILES]
+                labels = [{"layer": len(blocks) - 1, "neuron": n, "q": qq} for n in PROBE_NEURONS for qq in QUANTILES]
                 self._add(step, "preact", u, q.permute(1, 2, 0).reshape(k, -1), labels)
         if ics:
             w = {n: p.detach().clone() for n, p in params.items()}

@@ -16,16 +16,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError
-from .results import META_FILE, ResultsProblem, read_events, read_results
+from .config import Config, ConfigError, row_settings
+from .figures import LABELS, PALETTE, curve_bands, save_figure
+from .folder import META_FILE
+from .report_instruments import inside_section
+from .results import ResultsProblem, read_events, read_results
 from .stats import MIN_PAIRS, describe_p, mean_ci95, paired_test, time_to_target
 
 DEFAULT_TARGET = 0.97  # test accuracy for time-to-target (MLPerf / DAWNBench style)
-# What makes two rows the same experiment (apart from variant, seed and repeat).
-CONFIG_KEYS = ["preset", "dataset", "hidden", "activation", "optimizer", "lr", "momentum", "batch_size",
-               "per_device_batch", "epochs", "engine", "dtype", "world_size", "sync_bn", "device", "bn_drop_bias", "eval_every"]
-PALETTE = {"bn": "#1f77b4", "nobn": "#d62728"}  # one colour per variant, in every figure
-LABELS = {"bn": "with BN", "nobn": "without BN"}
+# What makes two rows the same experiment (apart from variant, seed and repeat): every setting
+# that is a row column (config.py declares them), and where it ran.
+def config_keys(cls=Config) -> list[str]:
+    return [k for k in row_settings(cls) if k != "repeat"] + ["world_size", "device"]
+
+
+CONFIG_KEYS = config_keys()
 CURVES = [("test_acc", "test accuracy"), ("test_loss", "test loss (nats)"),
           ("train_acc", "train accuracy"), ("train_loss", "train loss (nats)")]
 
@@ -140,17 +145,6 @@ def throughput_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- figures -------------------------------------------------------------------------------
-def _save(fig, rep: Path, stem: str, caption: str, figs: list, tight: bool = True) -> None:
-    import matplotlib.pyplot as plt
-
-    for ext in ("png", "svg"):
-        # bbox "tight" keeps legends placed outside the axes; it costs a second draw, so a figure
-        # laid out by tight_layout (the large learning-curve grid) goes without it.
-        fig.savefig(rep / f"{stem}.{ext}", dpi=110, bbox_inches="tight" if tight else None)
-    plt.close(fig)
-    figs.append((f"{stem}.png", caption))
-
-
 def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[tuple[str, str]]:
     import textwrap
 
@@ -186,7 +180,7 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
                 f"n={stats_of.loc[(t.get_text(), v), 'count']}" for v in order if (t.get_text(), v) in stats_of.index])
             for t in ax.get_yticklabels()], fontsize=9)
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="")
-        _save(fig, rep, "final_accuracy", "final test accuracy per configuration: every seed as a point over a box", figs)
+        save_figure(fig, rep, "final_accuracy", "final test accuracy per configuration: every seed as a point over a box", figs)
 
     if len(live):  # every member diverged: nothing to draw, the notes say why
         _learning_curves(live, configs, palette, rep, figs)
@@ -201,7 +195,7 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
         ax.set_ylabel("")
         ax.set_title(f"Time to {target:.2%} test accuracy")
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="")
-        _save(fig, rep, "time_to_target", f"epochs to {target:.2%} test accuracy, one point per member", figs)
+        save_figure(fig, rep, "time_to_target", f"epochs to {target:.2%} test accuracy, one point per member", figs)
 
     if len(throughput) and "world_size" in throughput:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -214,7 +208,7 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
         ax.set_ylabel("member-samples / s (median over runs; bar: range)")
         ax.set_title("Training throughput (evaluation excluded)")
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title=" / ".join(setting))
-        _save(fig, rep, "throughput", "member-samples per second by world size, device, engine and sync BN", figs)
+        save_figure(fig, rep, "throughput", "member-samples per second by world size, device, engine and sync BN", figs)
 
     syncable = acc_final[~acc_final["diverged"]]
     if "sync_bn" in syncable and syncable["sync_bn"].nunique() > 1:
@@ -227,21 +221,8 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
         ax.set_ylabel("final test accuracy, mean and 95% CI")
         ax.set_title("Synchronised vs per-process BN statistics")
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="")
-        _save(fig, rep, "sync_bn", "final test accuracy with and without --sync-bn against per-process batch", figs)
+        save_figure(fig, rep, "sync_bn", "final test accuracy with and without --sync-bn against per-process batch", figs)
     return figs
-
-
-def curve_bands(live: pd.DataFrame, metrics: list[str], x: str = "epoch") -> pd.DataFrame:
-    """Per config, variant, metric and x (epoch or step): mean over seeds and the Student-t 95%
-    half-width (mean_ci95, vectorised: one groupby instead of one call per point)."""
-    from scipy import stats
-
-    long = live.melt(id_vars=["config", "variant", x], value_vars=metrics, var_name="metric", value_name="value")
-    agg = long.dropna(subset=["value"]).groupby(["config", "variant", "metric", x])["value"].agg(["mean", "std", "count"]).reset_index()
-    n = agg["count"].to_numpy()
-    t = stats.t.ppf(0.975, np.maximum(n - 1, 1))
-    agg["half"] = np.where(n > 1, t * agg["std"].fillna(0).to_numpy() / np.sqrt(n), 0.0)
-    return agg
 
 
 def _learning_curves(live: pd.DataFrame, configs: list[str], palette: dict, rep: Path, figs: list) -> None:
@@ -270,7 +251,7 @@ def _learning_curves(live: pd.DataFrame, configs: list[str], palette: dict, rep:
     fig.legend(handles, labels, loc="upper right", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.suptitle("Learning curves: mean and 95% CI across seeds (train metrics in eval mode, all samples)", x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 0.9 if len(configs) == 1 else 0.95, 0.97))
-    _save(fig, rep, "learning_curves", "train and test loss and accuracy per epoch, mean with 95% CI across seeds", figs, tight=False)
+    save_figure(fig, rep, "learning_curves", "train and test loss and accuracy per epoch, mean with 95% CI across seeds", figs, tight=False)
 
 
 # -- assembling ------------------------------------------------------------------------------
@@ -365,8 +346,6 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
     targets = target_table(ttt, target) if len(ttt) else pd.DataFrame()
     throughput = throughput_table(df) if "samples_per_s" in df else pd.DataFrame()
     figs = _figures(df, final, ttt, throughput, rep, target)
-    from .report_instruments import inside_section
-
     inside_figs, inside_text, inside_problems = inside_section(out_dir, df, rep, target)
     notes = _notes(df, final, out_dir, problems + inside_problems, meta)
     env = _environment(meta, set(df["run_id"]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .report import LABELS, PALETTE, _save, curve_bands
+from .figures import LABELS, PALETTE, curve_bands, save_figure
 from .results import read_instruments
 
 
@@ -169,7 +169,7 @@ def _figure1(g, bands, cfg, rep, stem, figs):
             a.set_ylim(lo, hi)  # one scale: the drift is compared by eye
     fig.suptitle(f"Ioffe & Szegedy (2015), Figure 1, reproduced: {cfg}", x=0.01, ha="left", fontsize=10)
     fig.tight_layout()
-    _save(fig, rep, f"{stem}_figure1", "Figure 1 reproduced: (a) test accuracy against steps; (b, c) 15/50/85th "
+    save_figure(fig, rep, f"{stem}_figure1", "Figure 1 reproduced: (a) test accuracy against steps; (b, c) 15/50/85th "
           "percentiles of the input to a sigmoid of the last hidden layer on a fixed probe batch", figs)
 
 
@@ -195,7 +195,7 @@ def _heatmap(g, cfg, rep, stem, figs):
         ax.grid(False)
     fig.colorbar(im, ax=axes[0].tolist(), label="log10 ||dL/dW|| (geometric mean over seeds)")
     fig.suptitle(f"Gradient norm per layer over training: {cfg}", x=0.01, ha="left", fontsize=10)
-    _save(fig, rep, f"{stem}_grad_heatmap", "gradient norm of each Linear layer's weight over training, "
+    save_figure(fig, rep, f"{stem}_grad_heatmap", "gradient norm of each Linear layer's weight over training, "
           "layer x step, without and with BN (one colour scale)", figs)
 
 
@@ -229,5 +229,5 @@ def _ics(g, cfg, rep, stem, figs):
         ax.legend(frameon=False, fontsize=8)
     fig.suptitle(f"Santurkar et al. (2018) measures, median and range over layers and seeds: {cfg}", x=0.01, ha="left", fontsize=10)
     fig.tight_layout()
-    _save(fig, rep, f"{stem}_ics", "internal covariate shift (Santurkar et al.'s definition) and gradient "
+    save_figure(fig, rep, f"{stem}_ics", "internal covariate shift (Santurkar et al.'s definition) and gradient "
           "predictiveness, without and with BN", figs)

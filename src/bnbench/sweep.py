@@ -21,273 +21,27 @@ One-process units of this machine's default device run inside the sweep's proces
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import itertools
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import tomllib
 import traceback
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
-from .config import (
-    SWEEP_CHILD_ENV,
-    Config,
-    ConfigError,
-    die_with_parent,
-    make_config,
-    parse_seeds,
-)
-from .results import (
-    EVENTS_FILE,
-    META_FILE,
-    RESULTS_FILE,
-    FolderLock,
-    ResultsProblem,
-    write_atomic,
-    append_lines,
-    move_rows_aside,
-    read_events,
-    read_results,
-    repair_tail,
-    update_meta,
-    utcnow,
-)
+from .config import ConfigError, run_argv
+from .folder import EVENTS_FILE, META_FILE, RESULTS_FILE, FolderLock, move_rows_aside, repair_tail, write_atomic
+from .launch import SWEEP_CHILD_ENV, accelerate_command, die_with_parent
+from .provenance import utcnow
+from .record import update_meta
+from .results import ResultsProblem, append_lines, new_rows_of_unit, read_events, read_results, rows_of_unit
+from .sweepfile import Sweep, Unit, load_sweep, plan
 
 PLAN_FILE = "plan.json"
-DEVICES = ("auto", "cpu", "cuda")
-
-# [sweep] keys: how the sweep runs, not what a unit computes.
-SWEEP_KEYS = {"out": "str", "seeds_per_unit": "int", "repeats": "int", "data_root": "str", "dist_timeout": "float"}
-# Run options a sweep file may set, by kind. `cpu` is `device`, `repeat` is [sweep] repeats.
-_KIND_OF_TYPE = {"str": "str", "int": "int", "int | None": "int", "float": "float", "bool": "bool",
-                 "tuple[int, ...]": "ints", "tuple[str, ...]": "strs", "tuple[float, ...]": "floats"}
-OPTION_KEYS = {f.name: _KIND_OF_TYPE[f.type] for f in dataclasses.fields(Config) if f.name not in ("cpu", "repeat")}
-OPTION_KEYS.update(nproc="int", device="str")
-_DESCRIBE = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-             "ints": "a list of integers", "strs": "a list of strings", "floats": "a list of numbers"}
-
-
-def example() -> str:
-    return resources.files("bnbench").joinpath("sweep_example.toml").read_text()
-
-
-# -- the sweep file -> units --------------------------------------------------------
-@dataclass
-class Unit:
-    index: int  # 1-based position in the plan
-    label: str  # what varies, e.g. "lr=0.1 optim=sgd seeds=0-4"
-    nproc: int
-    device: str  # cpu / cuda (auto resolved)
-    config: Config | None  # None: an invalid combination
-    error: str | None = None
-    id: str = ""
-
-    @property
-    def expected_rows(self) -> int:
-        c = self.config
-        return len(c.eval_steps(self.nproc)) * len(c.seeds) * len(c.variants)
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "id": self.id, "label": self.label, "nproc": self.nproc, "device": self.device,
-                "config": self.config.to_dict() if self.config else None, "error": self.error,
-                "expected_rows": self.expected_rows if self.config else None}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Unit:
-        cfg = Config(**d["config"]) if d["config"] else None
-        return cls(d["index"], d["label"], d["nproc"], d["device"], cfg, d["error"], d["id"])
-
-
-@dataclass
-class Sweep:
-    path: Path
-    text: str
-    settings: dict  # [sweep]
-    fixed: dict
-    grid: dict  # key -> list of choices (a choice: a value, or a dict of options for a group key)
-
-    @property
-    def out(self) -> Path:
-        return Path(self.settings.get("out") or Path("runs") / self.path.stem)
-
-
-def _is(kind: str, value) -> bool:
-    """Whether a TOML value is of a scalar kind (a bool is not a number here)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return {"str": isinstance(value, str), "int": number and isinstance(value, int), "float": number,
-            "bool": isinstance(value, bool)}[kind]
-
-
-def _check_value(where: str, key: str, value):
-    """value in its canonical Python type, or a ConfigError naming where it is."""
-    kind = OPTION_KEYS[key]
-    got = f"got {value!r} ({type(value).__name__})"
-    if key == "seeds" and isinstance(value, str):
-        try:
-            return parse_seeds(value)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-    if kind in ("ints", "strs", "floats"):
-        item = {"ints": int, "strs": str, "floats": (int, float)}[kind]
-        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{where}: expected {_DESCRIBE[kind]}, {got}")
-        return tuple(float(v) for v in value) if kind == "floats" else tuple(value)
-    if not _is(kind, value):
-        raise ConfigError(f"{where}: expected {_DESCRIBE[kind]}, {got}")
-    if key == "device" and value not in DEVICES:
-        raise ConfigError(f"{where}: unknown device {value!r}; valid: {', '.join(DEVICES)}")
-    if key == "nproc" and value < 1:
-        raise ConfigError(f"{where}: nproc must be at least 1, got {value}")
-    return float(value) if kind == "float" else value
-
-
-def _unknown(where: str, key: str, valid) -> ConfigError:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(valid)}"
-    return ConfigError(f"{where}: unknown key {key!r}{hint}")
-
-
-def load_sweep(path: str | os.PathLike) -> Sweep:
-    """Parse and check a sweep file; every error names the key it is about."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read sweep file {path}: {e.strerror or e}") from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    for key in doc:
-        if key not in ("sweep", "fixed", "grid"):
-            raise _unknown(f"{path}", key, ["sweep", "fixed", "grid"])
-        if not isinstance(doc[key], dict):
-            raise ConfigError(f"{path}: {key} must be a table ([{key}]), got {doc[key]!r}")
-    settings = {}
-    for key, value in doc.get("sweep", {}).items():
-        if key not in SWEEP_KEYS:
-            raise _unknown("sweep", key, list(SWEEP_KEYS))
-        kind = SWEEP_KEYS[key]
-        if not (_is(kind, value) and (kind == "str" or value > 0)):
-            want = "a string" if kind == "str" else f"a positive {'integer' if kind == 'int' else 'number'}"
-            raise ConfigError(f"sweep.{key}: expected {want}, got {value!r}")
-        settings[key] = value
-    fixed = {}
-    for key, value in doc.get("fixed", {}).items():
-        if key not in OPTION_KEYS:
-            raise _unknown("fixed", key, list(OPTION_KEYS))
-        fixed[key] = _check_value(f"fixed.{key}", key, value)
-    grid, set_by = {}, {}
-    for key, choices in doc.get("grid", {}).items():
-        if not isinstance(choices, list):
-            raise ConfigError(f"grid.{key}: expected a list of values to try, got {choices!r}")
-        if not choices:
-            raise ConfigError(f"grid.{key} is an empty list: give at least one value")
-        if key == "seeds":
-            raise ConfigError("grid.seeds: seeds belong in [fixed] (a unit trains its seeds together); "
-                              "[sweep] seeds_per_unit splits them into units")
-        if key in OPTION_KEYS:
-            grid[key] = [_check_value(f"grid.{key}[{i}]", key, v) for i, v in enumerate(choices)]
-            options = {key}
-        elif all(isinstance(c, dict) for c in choices):  # a group: each table sets several options
-            grid[key] = []
-            for i, table in enumerate(choices):
-                if not table:
-                    raise ConfigError(f"grid.{key}[{i}] is an empty table")
-                for k in table:
-                    if k not in OPTION_KEYS or k == "seeds":
-                        raise _unknown(f"grid.{key}[{i}]", k, [o for o in OPTION_KEYS if o != "seeds"])
-                grid[key].append({k: _check_value(f"grid.{key}[{i}].{k}", k, v) for k, v in table.items()})
-            options = {k for table in grid[key] for k in table}
-        else:
-            raise _unknown("grid", key, list(OPTION_KEYS))
-        for option in options:
-            if option in set_by:
-                raise ConfigError(f"grid.{key} and grid.{set_by[option]} both set {option}: set each option in one place")
-            set_by[option] = key
-    return Sweep(path, text, settings, fixed, grid)
-
-
-def _seed_label(seeds: tuple[int, ...]) -> str:
-    if len(seeds) > 1 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
-        return f"{seeds[0]}-{seeds[-1]}"
-    return ",".join(map(str, seeds))
-
-
-def _show(value) -> str:
-    if isinstance(value, dict):
-        return ",".join(f"{k}={_show(v)}" for k, v in value.items())
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _combinations(sweep: Sweep):
-    """(what varies, the options of one unit) for every combination of the grid, in file order."""
-    keys = list(sweep.grid)
-    for combo in itertools.product(*(sweep.grid[k] for k in keys)):
-        options = dict(sweep.fixed)
-        for key, choice in zip(keys, combo):
-            options.update(choice if isinstance(choice, dict) else {key: choice})
-        yield [f"{k}={_show(c)}" for k, c in zip(keys, combo) if len(sweep.grid[k]) > 1], options
-
-
-def plan(sweep: Sweep, cuda_available: bool) -> list[Unit]:
-    """Every unit of the sweep, in a fixed order: grid combinations x seed chunks x repeats."""
-    repeats = sweep.settings.get("repeats", 1)
-    units: list[Unit] = []
-    for varying, options in _combinations(sweep):
-        nproc = options.pop("nproc", 1)
-        device = options.pop("device", "auto")
-        if device == "auto":
-            device = "cuda" if cuda_available else "cpu"
-        try:
-            base, error = make_config(options.pop("preset", "seed"), cpu=device == "cpu", **options), None
-            seeds = base.seeds
-        except ConfigError as e:
-            base, error, seeds = None, str(e), options.get("seeds", ())
-        size = sweep.settings.get("seeds_per_unit") or max(1, len(seeds))
-        chunks = [seeds[i:i + size] for i in range(0, len(seeds), size)] or [()]
-        for part in chunks:
-            for repeat in range(repeats):
-                label = " ".join(varying + ([f"seeds={_seed_label(part)}"] if len(chunks) > 1 else [])
-                                 + ([f"repeat={repeat}"] if repeats > 1 else [])) or "(the one configuration)"
-                unit = Unit(len(units) + 1, label, nproc, device, None, error)
-                _settle(unit, base, part, repeat, cuda_available, options)
-                units.append(unit)
-    return units
-
-
-def _settle(unit: Unit, base: Config | None, seeds: tuple, repeat: int, cuda_available: bool, options: dict) -> None:
-    """The unit's config and id, or why it cannot run (then an id from its options, for status)."""
-    import torch
-
-    if unit.error is None:
-        try:
-            cfg = dataclasses.replace(base, seeds=seeds, repeat=repeat)
-            cfg.global_batch(unit.nproc)
-            if unit.device == "cuda" and not cuda_available:
-                raise ConfigError("device cuda: no CUDA device is visible on this machine")
-            unit.config = cfg
-            unit.id = cfg.unit_id(unit.nproc, unit.device, torch.__version__)
-            return
-        except ConfigError as e:
-            unit.error = str(e)
-    key = json.dumps([options, list(seeds), unit.nproc, unit.device, repeat], sort_keys=True, default=str)
-    unit.id = "invalid-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 # -- what is done ---------------------------------------------------------------------
@@ -310,28 +64,6 @@ def done_units(rows, units: list[Unit]) -> dict[str, dict]:
 
 
 # -- running ----------------------------------------------------------------------------
-def run_argv(cfg: Config) -> list[str]:
-    """`bnbench run` options that rebuild cfg exactly (a test round-trips them)."""
-    argv = ["--preset", cfg.preset, "--dataset", cfg.dataset, "--hidden", ",".join(map(str, cfg.hidden)),
-            "--activation", cfg.activation, "--optimizer", cfg.optimizer, "--lr", repr(cfg.lr),
-            "--momentum", repr(cfg.momentum), "--epochs", str(cfg.epochs), "--seeds", ",".join(map(str, cfg.seeds)),
-            "--variants", ",".join(cfg.variants), "--engine", cfg.engine, "--dtype", cfg.dtype,
-            "--eval-batch", str(cfg.eval_batch), "--repeat", str(cfg.repeat)]
-    if cfg.per_device_batch is not None:
-        argv += ["--per-device-batch", str(cfg.per_device_batch)]
-    else:
-        argv += ["--batch-size", str(cfg.batch_size)]
-    for flag in ("sync_bn", "cpu", "compile", "tf32", "instrument"):
-        if getattr(cfg, flag):
-            argv.append("--" + flag.replace("_", "-"))
-    argv.append("--bn-drop-bias" if cfg.bn_drop_bias else "--no-bn-drop-bias")  # presets set it either way
-    if cfg.eval_every is not None:
-        argv += ["--eval-every", str(cfg.eval_every)]
-    argv += ["--instrument-every", str(cfg.instrument_every), "--ics-every", str(cfg.ics_every),
-             "--ics-etas", ",".join(map(repr, cfg.ics_etas))]
-    return argv
-
-
 def _cause(log: str) -> str:
     """The line of a failed launch's output that says why: bnbench's own error first (rank 0's
     if several), else the last line that mentions an error, else the last line."""
@@ -339,12 +71,6 @@ def _cause(log: str) -> str:
     ours = [x for x in lines if re.match(r"bnbench( \[rank \d+\])?: (error|terminated|interrupted)", x)]
     errors = [x for x in lines if "error" in x.lower()]
     return (ours[:1] or errors[-1:] or lines[-1:] or ["no output"])[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Progress:
@@ -403,8 +129,7 @@ class Runner:
         self.data_root = data_root or settings.get("data_root")
         self.timeout = float(settings.get("dist_timeout", 600.0))
         self.events = os.open(out / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self.accelerator = None
-        self.splits = {}
+        self.setup = None  # the in-process units' accelerator and data, made on first use
 
     def record(self, unit: Unit, event: str, **extra) -> None:
         append_lines(self.events, [{"time": utcnow(), "unit": unit.id, "index": unit.index, "label": unit.label,
@@ -429,7 +154,7 @@ class Runner:
             self.progress.end("interrupted", "rerun the sweep to resume")
             raise
         seconds = round(time.perf_counter() - t0, 3)
-        done = done_units(pd.DataFrame(self._rows_of(unit)), [unit]).get(unit.id)
+        done = done_units(pd.DataFrame(rows_of_unit(self.out, unit.id)), [unit]).get(unit.id)
         if reason is None and done is None:
             reason = "the unit ended without writing all its rows under its unit id (a bnbench bug: please report it)"
         if reason is not None:
@@ -445,22 +170,12 @@ class Runner:
         return state
 
     def _in_process(self, unit: Unit) -> str | None:
-        import torch
+        from .run import Setup, training_function
 
-        from . import data
-        from .distributed import make_accelerator
-        from .engine import training_function
-
-        cfg = unit.config
         try:
-            if self.accelerator is None:
-                self.accelerator = make_accelerator(cfg.cpu, self.timeout)
-            key = (cfg.dataset, cfg.dtype)
-            if key not in self.splits:
-                self.splits[key] = data.load(cfg.dataset, self.data_root, device=self.accelerator.device,
-                                             dtype=getattr(torch, cfg.dtype))
-            training_function(cfg, self.out, quiet=True, accelerator=self.accelerator, splits=self.splits[key],
-                              dist_timeout=self.timeout, hold_lock=False, on_epoch=lambda e, rows: self.progress.epoch(e))
+            self.setup = self.setup or Setup(self.data_root, self.timeout)
+            training_function(unit.config, self.out, self.setup, quiet=True, hold_lock=False,
+                              on_window=lambda e, rows: self.progress.epoch(e))
             return None
         except Exception as e:  # the unit failed; the sweep goes on
             (self.out / "logs").mkdir(exist_ok=True)
@@ -468,19 +183,16 @@ class Runner:
             return f"{type(e).__name__}: {e}"
 
     def _launch(self, unit: Unit) -> str | None:
-        cfg = unit.config
+        run = ["--out", str(self.out), "--quiet", "--dist-timeout", str(self.timeout), *run_argv(unit.config)]
         env = {**os.environ, SWEEP_CHILD_ENV: "1"}
         if self.data_root:
             env["BNBENCH_DATA_ROOT"] = str(self.data_root)
-        run = ["-m", "bnbench", "run", "--out", str(self.out), "--quiet", "--dist-timeout", str(self.timeout), *run_argv(cfg)]
         if unit.nproc == 1:
-            cmd = [sys.executable, *run]
+            cmd = [sys.executable, "-m", "bnbench", "run", *run]
         else:
-            if unit.device == "cpu":
-                env["ACCELERATE_USE_CPU"] = "true"  # real DDP over gloo, not N lone processes
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(unit.nproc),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_free_port()), *run]
+            gpus = 0 if unit.device == "cpu" else _cuda_count()
+            cmd, extra = accelerate_command(unit.nproc, run, cpu=unit.device == "cpu", gpus=gpus)
+            env.update(extra)
         (self.out / "logs").mkdir(exist_ok=True)
         log_path = self.out / "logs" / f"{unit.id}.log"
         parent = os.getpid()
@@ -494,7 +206,10 @@ class Runner:
                 offset = results.stat().st_size if results.exists() else 0
                 while proc.poll() is None:
                     time.sleep(0.5)
-                    offset = self._poll_epochs(unit, offset)
+                    # Rank 0 appends each window's rows: they tell how far the unit is.
+                    rows, offset = new_rows_of_unit(results, unit.id, offset)
+                    if rows:
+                        self.progress.epoch(max(r.get("epoch", 0) for r in rows))
             except KeyboardInterrupt:
                 proc.send_signal(signal.SIGTERM)  # the launcher passes it on to its ranks
                 try:
@@ -506,44 +221,6 @@ class Runner:
         if proc.returncode == 0:
             return None
         return f"exit status {proc.returncode}: {_cause(log_path.read_text())} (log: {log_path})"
-
-    def _rows_of(self, unit: Unit) -> list[dict]:
-        """This unit's whole rows in results.jsonl (a byte search first: the file may be large)."""
-        try:
-            raw = (self.out / RESULTS_FILE).read_bytes()
-        except OSError:
-            return []
-        needle = f'"unit": "{unit.id}"'.encode()
-        rows = []
-        for line in raw.splitlines():
-            if needle in line:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    pass  # a torn line: the reader reports it
-        return rows
-
-    def _poll_epochs(self, unit: Unit, offset: int) -> int:
-        """Report the epochs a launched unit appended after `offset` (rank 0 writes each epoch's
-        rows); return the offset after the last whole line read."""
-        try:
-            with open(self.out / RESULTS_FILE, "rb") as f:
-                f.seek(offset)
-                new = f.read()
-        except OSError:
-            return offset
-        whole = new[: new.rfind(b"\n") + 1]
-        needle = f'"unit": "{unit.id}"'.encode()
-        epochs = []
-        for line in whole.splitlines():
-            if needle in line:
-                try:
-                    epochs.append(json.loads(line).get("epoch", 0))
-                except ValueError:
-                    pass  # not ours to judge here: the reader reports bad lines
-        if epochs:
-            self.progress.epoch(max(epochs))
-        return offset + len(whole)
 
     def close(self) -> None:
         os.close(self.events)
@@ -566,9 +243,13 @@ def run_sweep(path, out=None, quiet: bool = False, data_root=None, dry_run: bool
 
 
 def _home_device() -> str:
+    return "cuda" if _cuda_count() else "cpu"
+
+
+def _cuda_count() -> int:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.device_count()
 
 
 def say(text: str) -> None:

@@ -1,0 +1,233 @@
+"""The results folder: its file names, the folder lock, atomic writes, tail repair, moving rows aside.
+
+DIR/.lock          flock: a sweep holds it exclusively, plain runs share it
+Rows are only ever moved, never deleted: a torn last line goes to DIR/torn.log,
+rows of an abandoned attempt to DIR/superseded/<run_id>.jsonl (and .instruments.jsonl).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+from .provenance import utcnow
+
+RESULTS_FILE = "results.jsonl"
+META_FILE = "meta.json"
+LOCK_FILE = ".lock"
+TORN_LOG = "torn.log"
+INSTRUMENTS_FILE = "instruments.jsonl"
+EVENTS_FILE = "units.jsonl"  # a sweep's record of each unit: start / done / failed / interrupted
+SUPERSEDED_DIR = "superseded"
+
+
+class FolderBusy(RuntimeError):
+    """A results folder is held by another sweep."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FolderLock:
+    """DIR/.lock, an flock: a sweep holds it exclusively for its whole life, plain runs share it.
+
+    The kernel releases it when its holder dies, even by SIGKILL, so it never goes stale.
+    (flock is per machine: on NFS, give each machine its own folder.)
+    """
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.dir = Path(out_dir)
+        self.path = self.dir / LOCK_FILE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.owner = False
+
+    def _try(self, mode: int, wait_s: float) -> bool:
+        import time
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                # Brief holders (another run's repair, `bnbench status` probing) let go within ms.
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info or (info.get("host") == socket.gethostname() and not _alive(info.get("pid"))):
+            # The file names the last exclusive holder; if that one is gone, plain runs share the folder.
+            return "bnbench run(s) writing into it"
+        return f"bnbench {info.get('command', 'sweep')} (pid {info.get('pid')} on {info.get('host')}, since {info.get('since')})"
+
+    def _busy(self) -> FolderBusy:
+        return FolderBusy(
+            f"results folder {self.dir} is in use by {self.holder()}: two writers of one folder would run "
+            f"the same units twice. Wait for it (bnbench status {self.dir}), stop it, or use another folder."
+        )
+
+    def exclusive(self, command: str = "sweep", wait_s: float = 2.0) -> None:
+        if not self._try(fcntl.LOCK_EX, wait_s):
+            raise self._busy()
+        info = {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "since": utcnow()}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        self.owner = True
+
+    def shared(self, wait_s: float = 5.0) -> None:
+        if not self._try(fcntl.LOCK_SH, wait_s):
+            raise self._busy()
+        # A shared holder never writes the info: the file names the last exclusive holder.
+
+    def try_upgrade(self) -> bool:
+        """Shared -> exclusive if no one else holds the folder. Either way call shared() after:
+        a refused upgrade may have dropped the shared lock."""
+        return self._try(fcntl.LOCK_EX, 0.0)
+
+    def is_held(self) -> bool:
+        """Whether someone holds it exclusively (a sweep is running)."""
+        if self._try(fcntl.LOCK_SH, 0.0):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            if self.owner:
+                os.ftruncate(self.fd, 0)  # no longer anyone's: the next refusal must not name us
+            os.close(self.fd)  # releases the flock
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+
+
+def repair_tail(out_dir: str | os.PathLike) -> str | None:
+    """End a torn last line of results.jsonl and instruments.jsonl. Call with the folder held exclusively.
+
+    A last line without its newline that is a whole JSON row only lacks the newline;
+    anything else is a torn write: its bytes go to DIR/torn.log (with its line number),
+    the file is cut back to its last whole line, and a message says so.
+    """
+    messages = [m for m in (_repair_tail(Path(out_dir), n) for n in (RESULTS_FILE, INSTRUMENTS_FILE)) if m]
+    return "; ".join(messages) or None
+
+
+def _repair_tail(out_dir: Path, name: str) -> str | None:
+    path = out_dir / name
+    if not path.exists():
+        return None
+    raw = path.read_bytes()
+    if not raw or raw.endswith(b"\n"):
+        return None
+    cut = raw.rfind(b"\n") + 1
+    tail, line_no = raw[cut:], raw.count(b"\n") + 1
+    with open(path, "r+b") as f:
+        try:
+            if isinstance(json.loads(tail), dict):
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+                return None
+        except ValueError:
+            pass
+        with open(Path(out_dir) / TORN_LOG, "ab") as log:
+            log.write(f"# {utcnow()} {name}:{line_no}, {len(tail)} bytes\n".encode() + tail + b"\n")
+            log.flush()
+            os.fsync(log.fileno())
+        f.truncate(cut)
+        os.fsync(f.fileno())
+    return f"{path}:{line_no}: torn last line (interrupted write) of {len(tail)} bytes moved to {Path(out_dir) / TORN_LOG}"
+
+
+def move_rows_aside(out_dir: str | os.PathLike, select) -> dict[str, int]:
+    """Move the rows `select(row)` picks out of results.jsonl into DIR/superseded/<run_id>.jsonl,
+    and out of instruments.jsonl into DIR/superseded/<run_id>.instruments.jsonl.
+
+    For the rows of an attempt that did not finish, before its unit runs again: nothing
+    is deleted and nothing is counted twice. Unparsable lines stay where they are (the
+    reader keeps reporting them). Call with the folder held exclusively. Crash-safe: each
+    superseded file is rewritten whole (so a repeat adds nothing), then results.jsonl is
+    replaced atomically. Returns results rows moved per run_id.
+    """
+    _move_aside(Path(out_dir), INSTRUMENTS_FILE, ".instruments.jsonl", select)  # first: results decide "done"
+    return _move_aside(Path(out_dir), RESULTS_FILE, ".jsonl", select)
+
+
+def _move_aside(out_dir: Path, name: str, suffix: str, select) -> dict[str, int]:
+    path = out_dir / name
+    if not path.exists():
+        return {}
+    keep, moved = [], {}
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and select(row):
+            moved.setdefault(str(row.get("run_id")), []).append(line)
+        else:
+            keep.append(line)
+    if not moved:
+        return {}
+    aside = out_dir / SUPERSEDED_DIR
+    aside.mkdir(exist_ok=True)
+    for run_id, lines in moved.items():
+        target = aside / f"{run_id}{suffix}"
+        old = target.read_bytes().splitlines(keepends=True) if target.exists() else []
+        write_atomic(target, b"".join(dict.fromkeys(old + lines)))
+    write_atomic(path, b"".join(keep))
+    return {run_id: len(lines) for run_id, lines in moved.items()}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def end_torn_line(fd: int, path: Path) -> None:
+    # Another writer shares the folder, so a torn line cannot be moved: end it, so that our
+    # first row starts on a fresh line. It stays in place, and the reader reports it.
+    size = os.fstat(fd).st_size
+    if size:
+        with open(path, "rb") as f:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                os.write(fd, b"\n")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+

@@ -1,0 +1,90 @@
+"""The main job: `./launch.sh [--nproc N] [--cpu] [machine options] [RUN OPTIONS]`.
+
+One process runs `bnbench run` in this process; several go through accelerate_command.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from . import cli
+from .launch import MACHINE_OPTIONS, accelerate_command
+
+HELP = """\
+usage: ./launch.sh [--nproc N] [--cpu] [--num_machines M --machine_rank R --main_process_ip IP
+                   --main_process_port P] [--out DIR] [RUN OPTIONS]
+
+The lab's benchmark: 5 seeds x {BN, no-BN} x 15 epochs on MNIST, then its report.
+  --nproc N     N processes per machine under `accelerate launch` (DDP; default one per visible
+                GPU, else 1)
+  --cpu         CPU processes (gloo), even when GPUs are visible
+  --num_machines, --machine_rank, --main_process_ip, --main_process_port
+                several machines, as accelerate launch takes them
+  --out DIR     results folder (default runs/lab-<UTC time>)
+Any other option goes to `bnbench run`.
+Other commands: ./launch.sh test [PYTEST ARGS] | bench [ARGS] | sweep SWEEP.toml | CMD [ARGS] (bnbench --help).
+"""
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def main_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch.sh", add_help=False, allow_abbrev=False)
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("--nproc", type=_positive)
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--num_machines", type=_positive, default=1)
+    for option in MACHINE_OPTIONS:
+        p.add_argument(option)
+    p.add_argument("--out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a, run_args = main_parser().parse_known_args(argv)
+    if a.help:
+        print(HELP + "\nRUN OPTIONS (bnbench run --help):")
+        return cli.main(["run", "--help"])
+    import torch
+
+    gpus = 0 if a.cpu else torch.cuda.device_count()
+    cpu = a.cpu or gpus == 0
+    nproc = a.nproc or max(gpus, 1)
+    total = nproc * a.num_machines
+    out = a.out or f"runs/lab-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    run_args = ["--out", out, "--report", *(["--cpu"] if cpu else []), *run_args]
+    if total == 1:
+        return cli.main(["run", *run_args])
+    machine_args = [x for o in MACHINE_OPTIONS if getattr(a, o[2:]) is not None for x in (o, getattr(a, o[2:]))]
+    try:
+        cmd, env = accelerate_command(total, run_args, a.num_machines, cpu, machine_args, gpus)
+    except ValueError as e:  # ConfigError
+        print(f"launch.sh: error: {e}", file=sys.stderr)
+        return 2
+    print(f"launch.sh: {total} processes ({nproc} per machine x {a.num_machines}), "
+          f"{'CPU, gloo' if cpu else 'GPU, nccl'}", file=sys.stderr)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env})
+    # Ctrl-C reaches the launcher through the terminal; a SIGTERM to us is passed on to it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    while True:
+        try:
+            rc = proc.wait()
+            break
+        except KeyboardInterrupt:
+            continue  # the launcher got it too, and winds its ranks down
+    if rc != 0:
+        print(f"launch.sh: the launch failed (exit {rc}); the failing rank is named above. "
+              f"Completed epochs are in {out}/results.jsonl", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

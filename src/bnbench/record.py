@@ -1,0 +1,92 @@
+"""A run's record in DIR/meta.json: running -> complete / failed / interrupted, never left `running`.
+
+DIR/meta.json      {"runs": {run_id: {config, versions, devices, host, git, ...}}}
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .folder import META_FILE, write_json_atomic
+from .provenance import utcnow
+
+
+def update_meta(out_dir: str | os.PathLike, run_id: str, meta: dict) -> None:
+    """Merge one run's metadata into DIR/meta.json (atomic replace; other runs kept)."""
+    path = Path(out_dir) / META_FILE
+    # Two runs appending to one folder must not lose each other's entries: read-modify-write under a lock.
+    with open(Path(out_dir) / ".meta.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _update_meta_locked(path, run_id, meta)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGTERM and SIGINT wait until the block ends, then reach their usual handlers.
+
+    For the last status write of a run: a launcher that loses one rank SIGTERMs the others,
+    and that signal often lands while a rank is recording its failure; interrupted there,
+    the run would stay `running` in meta.json for ever. (Python runs handlers in the main
+    thread only, so swapping them there is enough; a thread mask would not be: the kernel
+    hands a process's signal to any thread that does not block it.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)  # now: the handler it would have met
+
+
+def _update_meta_locked(path: Path, run_id: str, meta: dict) -> None:
+    doc = {"schema": 1, "runs": {}}
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError as e:
+            # Never overwrite what we cannot read: keep it aside and say so.
+            aside = path.with_name(f"meta.corrupt-{int(os.path.getmtime(path))}.json")
+            os.replace(path, aside)
+            print(f"bnbench: warning: {path} was unreadable ({e}); moved to {aside}", file=sys.stderr)
+            doc = {"schema": 1, "runs": {}}
+    doc.setdefault("runs", {}).setdefault(run_id, {}).update(meta)
+    write_json_atomic(path, doc)
+
+
+
+
+class RunRecord:
+    """One run's entry in meta.json, written by the writing rank only (main=False: a no-op).
+
+    The final status is written with SIGTERM and SIGINT deferred: a launcher that loses one
+    rank SIGTERMs the others while they record their own failure.
+    """
+
+    def __init__(self, out_dir, run_id: str, main: bool):
+        self.out_dir, self.run_id, self.main = out_dir, run_id, main
+
+    def update(self, meta: dict) -> None:
+        if self.main:
+            update_meta(self.out_dir, self.run_id, meta)
+
+    def finish(self, status: str, **meta) -> None:
+        if self.main:
+            with signals_deferred():
+                update_meta(self.out_dir, self.run_id, {"status": status, "finished": utcnow(), **meta})
+
+    def ended_by(self, error: BaseException) -> None:
+        """Record how a run that raised ended: interrupted (Ctrl-C, SIGTERM) or failed."""
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        self.finish(status, error=f"{type(error).__name__}: {error}")

@@ -1,0 +1,293 @@
+"""The run: config -> data -> trainer -> rows, as accelerate's examples read.
+
+    training_function(cfg, out_dir)      # what `bnbench run` calls, on every rank
+
+Set up (accelerator, data, trainer), open the record, then per evaluation window:
+train, evaluate exactly, append the rows, show the table; record how it ended. A Setup
+says where the accelerator, the data and the trainer come from: sweeps reuse theirs,
+tests hand in their own.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import Config, row_values
+from .data import Splits
+from .distributed import check_world, make_accelerator
+from .engine import Trainer
+from .folder import INSTRUMENTS_FILE
+from .launch import launched_rank
+from .provenance import cpu_name, environment, utcnow
+from .record import RunRecord
+from .results import ResultsWriter
+
+
+@dataclass
+class Setup:
+    """Where a run's accelerator, data and trainer come from. One Setup serves many runs (a
+    sweep's in-process units): the accelerator is made once, each dataset loaded once."""
+
+    data_root: str | None = None
+    dist_timeout: float = 600.0  # seconds for process-group set-up and any one collective
+    accelerator: object = None  # made on first use unless given
+    splits: Splits | None = None  # given data (tests: a subset); else loaded per (dataset, dtype)
+    loaded: dict = field(default_factory=dict)
+
+    def get_accelerator(self, cfg: Config):
+        if self.accelerator is None:
+            self.accelerator = make_accelerator(cfg.cpu, self.dist_timeout)
+        return self.accelerator
+
+    def data(self, cfg: Config, accelerator) -> Splits:
+        from . import data
+
+        if self.splits is not None:
+            return self.splits
+        key = (cfg.dataset, cfg.dtype)
+        if key not in self.loaded:
+            # One process per machine fills the data cache (or downloads) while the others wait.
+            with accelerator.local_main_process_first():
+                self.loaded[key] = data.load(cfg.dataset, self.data_root, device=accelerator.device,
+                                             dtype=getattr(torch, cfg.dtype))
+        return self.loaded[key]
+
+    def trainer(self, cfg: Config, splits: Splits, accelerator, world_size: int) -> Trainer:
+        """Tests override this to inspect or perturb members before training."""
+        return Trainer(cfg, splits, accelerator, world_size=world_size)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def new_run_id() -> str:
+    import secrets
+
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return f"{stamp}-{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
+
+
+def static_fields(cfg: Config, run_id: str, trainer: Trainer, device: str, dev_name: str, git: str) -> dict:
+    """The columns every row of a run shares: its settings (declared in config.py) and run facts."""
+    from . import __version__
+
+    return {
+        "run_id": run_id,
+        "unit": cfg.unit_id(trainer.world_size, trainer.device.type, torch.__version__),
+        **row_values(cfg),
+        "batch_size": trainer.batch,  # resolved: the global and per-process batch whichever was given
+        "per_device_batch": trainer.local_batch,
+        "device": device,
+        "device_name": dev_name,
+        "world_size": trainer.world_size,
+        "backend": trainer.backend,
+        "members": len(trainer.members),
+        "bnbench_version": __version__,
+        "torch_version": torch.__version__,
+        "git_commit": git,
+    }
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process and peak GPU memory allocated by torch, in MiB."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_rss_mb": round(rss, 1), "peak_gpu_mb": None if gpu is None else round(gpu, 1)}
+
+
+def epoch_rows(trainer: Trainer, static: dict, epoch, running, seconds: float, train, test, steps: int) -> list[dict]:
+    """One row per member after a window of `steps` steps; a diverged member's metrics are None (null in JSON)."""
+    (train_loss, train_correct, train_total), (test_loss, test_correct, test_total) = train, test
+    throughput = len(trainer.members) * steps * trainer.batch / seconds
+    memory = peak_memory(trainer.device)
+    now = utcnow()
+    rows = []
+    for i, (variant, seed) in enumerate(trainer.members):
+        ok = not bool(trainer.diverged[i])
+        rows.append(
+            {
+                **static,
+                "variant": variant,
+                "seed": seed,
+                "epoch": epoch,
+                "step": trainer.steps_done,
+                "train_loss": float(train_loss[i]) if ok else None,
+                "train_acc": int(train_correct[i]) / train_total if ok else None,
+                "test_loss": float(test_loss[i]) if ok else None,
+                "test_acc": int(test_correct[i]) / test_total if ok else None,
+                "train_correct": int(train_correct[i]),
+                "train_total": train_total,
+                "test_correct": int(test_correct[i]),
+                "test_total": test_total,
+                "train_loss_running": float(running[i]) if ok else None,
+                "train_seconds": seconds,
+                "samples_per_s": throughput,
+                **memory,
+                "diverged": not ok,
+                "time": now,
+            }
+        )
+    return rows
+
+
+TABLE = ["epoch", "variant", "train_loss", "train_acc", "test_loss", "test_acc", "diverged", "train_s", "member-samples/s"]
+
+
+def table_lines(rows: list[dict], header: bool) -> list[str]:
+    """The per-epoch console table: per variant the mean over live members, columns aligned."""
+    lines = []
+    widths = [max(len(c), 9) for c in TABLE]
+    if header:
+        lines.append("  ".join(c.rjust(w) for c, w in zip(TABLE, widths)))
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == v]
+        live = [r for r in mine if not r["diverged"]]
+
+        def mean(key):
+            return f"{sum(r[key] for r in live) / len(live):.4f}" if live else "nan"
+
+        vals = [
+            str(mine[0]["epoch"]), v, mean("train_loss"), mean("train_acc"), mean("test_loss"), mean("test_acc"),
+            f"{len(mine) - len(live)}/{len(mine)}", f"{mine[0]['train_seconds']:.2f}", f"{mine[0]['samples_per_s']:,.0f}",
+        ]
+        lines.append("  ".join(x.rjust(w) for x, w in zip(vals, widths)))
+    return lines
+
+
+def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: bool = False,
+                      hold_lock: bool = True, on_window=None) -> str:
+    """Run cfg, append every window's rows to out_dir/results.jsonl, return the run id.
+
+    Runs unchanged in one process or under `accelerate launch` / torchrun; only rank 0
+    writes. Its output folder is opened first: a folder that cannot be written, or that a
+    sweep holds, fails before any data is read or any step is taken. hold_lock=False: the
+    caller (a sweep) holds the folder. on_window(epoch, rows): after each window's rows are on disk.
+    """
+    setup = setup or Setup()
+    main = launched_rank() == 0
+    writer = ResultsWriter(out_dir, hold_lock=hold_lock) if main else None
+    record = None
+    try:
+        # -- set up
+        accelerator = setup.get_accelerator(cfg)
+        world_size = check_world(accelerator)
+        # TF32 is opt-in: results stay comparable across GPUs and with the CPU.
+        torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+        splits = setup.data(cfg, accelerator)
+        trainer = setup.trainer(cfg, splits, accelerator, world_size)
+        run_id = new_run_id()
+        env = environment()
+        dev, dev_name = str(accelerator.device), device_name(accelerator.device)
+        static = static_fields(cfg, run_id, trainer, dev, dev_name, env["git_commit"])
+        record = RunRecord(out_dir, run_id, main)
+        record.update({
+            "config": cfg.to_dict(), "unit": static["unit"], "status": "running", "started": utcnow(),
+            "device": dev, "device_name": dev_name, "world_size": world_size, "backend": trainer.backend,
+            "processes_per_machine": int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+            "batch_size": trainer.batch, "per_device_batch": trainer.local_batch,
+            "mixed_precision": str(accelerator.mixed_precision), "data_sources": splits.sources,
+            "train_samples": int(splits.train_x.shape[0]), "test_samples": int(splits.test_x.shape[0]),
+            **env,
+        })
+        compile_seconds = trainer.warm_up()
+        if cfg.compile:
+            record.update({"compile_seconds": compile_seconds})
+        stops = cfg.eval_steps(world_size, int(splits.train_x.shape[0]))  # the evaluation points
+        display = Display(trainer, stops[-1] if stops else 0, show=main and not quiet)
+        display.banner(run_id, dev, dev_name)
+
+        # -- the loop: train a window, evaluate, record
+        per_epoch = trainer.steps_per_epoch()
+        for point, stop in enumerate(stops, start=1):
+            # Whole epochs are integers; a window ends in the middle of one with --eval-every.
+            epoch = stop // per_epoch if stop % per_epoch == 0 else stop / per_epoch
+            window = stop - trainer.steps_done
+            display.training(epoch)
+            running, seconds = trainer.train_steps(stop, on_step=display.step)
+            display.evaluating(epoch, stop)
+            train = trainer.evaluate(splits.train_x, splits.train_y)
+            test = trainer.evaluate(splits.test_x, splits.test_y)
+            trainer.mark_diverged(epoch, running, train[0], test[0])
+            rows = epoch_rows(trainer, static, epoch, running, seconds, train, test, window)
+            if main:
+                if trainer.instruments is not None:
+                    # Before the window's results: a unit whose results are complete has all its measures.
+                    writer.append(trainer.instruments.rows({k: static[k] for k in ("run_id", "unit", "repeat")}),
+                                  INSTRUMENTS_FILE)
+                writer.append(rows)  # durable before the next window starts
+            if on_window is not None:
+                on_window(epoch, rows)
+            display.table(rows, header=point == 1)
+        display.close()
+
+        # -- how it ended
+        done = {"diverged_members": int(trainer.diverged.sum())}
+        if trainer.instruments is not None:
+            done["instrument_seconds"] = round(trainer.instruments.seconds, 3)
+        record.finish("complete", **done)
+        display.diverged()
+        return run_id
+    except BaseException as e:
+        if record is not None:
+            record.ended_by(e)
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+class Display:
+    """What a person sees of a run on rank 0: a banner, one progress bar for the whole run (its
+    ETA is the run's; off when not a terminal), the per-window table above it, diverged members."""
+
+    def __init__(self, trainer: Trainer, total_steps: int, show: bool):
+        from tqdm.auto import tqdm
+
+        self.trainer, self.show, self.cfg = trainer, show, trainer.cfg
+        self.tick = max(1, trainer.steps_per_epoch() // 100)  # ~100 updates per epoch, not one per step
+        self.bar = tqdm(total=total_steps, unit="step", leave=False, disable=None if show else True)
+
+    def banner(self, run_id: str, dev: str, dev_name: str) -> None:
+        if not self.show:
+            return
+        t, cfg = self.trainer, self.cfg
+        where = f"{t.world_size} processes ({t.backend}), " if t.world_size > 1 else ""
+        t.accelerator.print(
+            f"bnbench run {run_id}: {len(cfg.seeds)} seeds x {','.join(cfg.variants)}, {cfg.epochs} epochs, "
+            f"{cfg.dataset}, engine {cfg.engine}, batch {t.batch}"
+            f"{f' ({t.local_batch}/process)' if t.world_size > 1 else ''}"
+            f"{', sync BN' if t.sync_bn else ''}, {where}{dev} ({dev_name})"
+        )
+
+    def training(self, epoch) -> None:
+        self.bar.set_description(f"epoch {epoch:g}/{self.cfg.epochs}")
+
+    def step(self, t: int) -> None:
+        if t % self.tick == 0:
+            self.bar.update(self.tick)
+
+    def evaluating(self, epoch, stop: int) -> None:
+        self.bar.update(stop - self.bar.n)
+        self.bar.set_description(f"epoch {epoch:g}/{self.cfg.epochs} eval")
+
+    def table(self, rows: list[dict], header: bool) -> None:
+        if self.show:
+            for line in table_lines(rows, header):
+                self.bar.write(line)  # above the bar, which stays at the bottom
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def diverged(self) -> None:
+        t = self.trainer
+        if self.show and t.diverged.any():
+            names = [f"{v}/seed{s} (epoch {t.diverged_epoch[i]})" for i, (v, s) in enumerate(t.members) if t.diverged[i]]
+            t.accelerator.print(f"warning: {len(names)} member(s) diverged: {', '.join(names)}")

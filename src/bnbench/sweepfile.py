@@ -1,0 +1,244 @@
+"""Sweep files: a TOML grid -> the units of a sweep, each with its config and id, checked key by key.
+
+    [sweep]  how the sweep runs (out, seeds_per_unit, repeats, data_root, dist_timeout)
+    [fixed]  run options every unit shares; [grid] lists of values, one unit per combination
+
+The keys a sweep file may set and their kinds come from Config's declarations (config.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .config import Config, ConfigError, make_config, parse_seeds, sweep_kinds
+
+DEVICES = ("auto", "cpu", "cuda")
+
+# [sweep] keys: how the sweep runs, not what a unit computes.
+SWEEP_KEYS = {"out": "str", "seeds_per_unit": "int", "repeats": "int", "data_root": "str", "dist_timeout": "float"}
+# Run options a sweep file may set, by kind (config.py declares which); `device` stands for
+# `cpu`, [sweep] repeats for `repeat`; nproc and device say where a unit runs.
+OPTION_KEYS = {**sweep_kinds(), "nproc": "int", "device": "str"}
+_DESCRIBE = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+             "ints": "a list of integers", "strs": "a list of strings", "floats": "a list of numbers"}
+
+
+def example() -> str:
+    return resources.files("bnbench").joinpath("sweep_example.toml").read_text()
+
+
+# -- the sweep file -> units --------------------------------------------------------
+@dataclass
+class Unit:
+    index: int  # 1-based position in the plan
+    label: str  # what varies, e.g. "lr=0.1 optim=sgd seeds=0-4"
+    nproc: int
+    device: str  # cpu / cuda (auto resolved)
+    config: Config | None  # None: an invalid combination
+    error: str | None = None
+    id: str = ""
+
+    @property
+    def expected_rows(self) -> int:
+        c = self.config
+        return len(c.eval_steps(self.nproc)) * len(c.seeds) * len(c.variants)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "id": self.id, "label": self.label, "nproc": self.nproc, "device": self.device,
+                "config": self.config.to_dict() if self.config else None, "error": self.error,
+                "expected_rows": self.expected_rows if self.config else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Unit:
+        cfg = Config(**d["config"]) if d["config"] else None
+        return cls(d["index"], d["label"], d["nproc"], d["device"], cfg, d["error"], d["id"])
+
+
+@dataclass
+class Sweep:
+    path: Path
+    text: str
+    settings: dict  # [sweep]
+    fixed: dict
+    grid: dict  # key -> list of choices (a choice: a value, or a dict of options for a group key)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.settings.get("out") or Path("runs") / self.path.stem)
+
+
+def _is(kind: str, value) -> bool:
+    """Whether a TOML value is of a scalar kind (a bool is not a number here)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {"str": isinstance(value, str), "int": number and isinstance(value, int), "float": number,
+            "bool": isinstance(value, bool)}[kind]
+
+
+def _check_value(where: str, key: str, value):
+    """value in its canonical Python type, or a ConfigError naming where it is."""
+    kind = OPTION_KEYS[key]
+    got = f"got {value!r} ({type(value).__name__})"
+    if kind == "seeds":
+        if isinstance(value, str):
+            try:
+                return parse_seeds(value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        kind = "ints"
+    if kind in ("ints", "strs", "floats"):
+        item = {"ints": int, "strs": str, "floats": (int, float)}[kind]
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: expected {_DESCRIBE[kind]}, {got}")
+        return tuple(float(v) for v in value) if kind == "floats" else tuple(value)
+    if not _is(kind, value):
+        raise ConfigError(f"{where}: expected {_DESCRIBE[kind]}, {got}")
+    if key == "device" and value not in DEVICES:
+        raise ConfigError(f"{where}: unknown device {value!r}; valid: {', '.join(DEVICES)}")
+    if key == "nproc" and value < 1:
+        raise ConfigError(f"{where}: nproc must be at least 1, got {value}")
+    return float(value) if kind == "float" else value
+
+
+def _unknown(where: str, key: str, valid) -> ConfigError:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(valid)}"
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    """Parse and check a sweep file; every error names the key it is about."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read sweep file {path}: {e.strerror or e}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for key in doc:
+        if key not in ("sweep", "fixed", "grid"):
+            raise _unknown(f"{path}", key, ["sweep", "fixed", "grid"])
+        if not isinstance(doc[key], dict):
+            raise ConfigError(f"{path}: {key} must be a table ([{key}]), got {doc[key]!r}")
+    settings = {}
+    for key, value in doc.get("sweep", {}).items():
+        if key not in SWEEP_KEYS:
+            raise _unknown("sweep", key, list(SWEEP_KEYS))
+        kind = SWEEP_KEYS[key]
+        if not (_is(kind, value) and (kind == "str" or value > 0)):
+            want = "a string" if kind == "str" else f"a positive {'integer' if kind == 'int' else 'number'}"
+            raise ConfigError(f"sweep.{key}: expected {want}, got {value!r}")
+        settings[key] = value
+    fixed = {}
+    for key, value in doc.get("fixed", {}).items():
+        if key not in OPTION_KEYS:
+            raise _unknown("fixed", key, list(OPTION_KEYS))
+        fixed[key] = _check_value(f"fixed.{key}", key, value)
+    grid, set_by = {}, {}
+    for key, choices in doc.get("grid", {}).items():
+        if not isinstance(choices, list):
+            raise ConfigError(f"grid.{key}: expected a list of values to try, got {choices!r}")
+        if not choices:
+            raise ConfigError(f"grid.{key} is an empty list: give at least one value")
+        if key == "seeds":
+            raise ConfigError("grid.seeds: seeds belong in [fixed] (a unit trains its seeds together); "
+                              "[sweep] seeds_per_unit splits them into units")
+        if key in OPTION_KEYS:
+            grid[key] = [_check_value(f"grid.{key}[{i}]", key, v) for i, v in enumerate(choices)]
+            options = {key}
+        elif all(isinstance(c, dict) for c in choices):  # a group: each table sets several options
+            grid[key] = []
+            for i, table in enumerate(choices):
+                if not table:
+                    raise ConfigError(f"grid.{key}[{i}] is an empty table")
+                for k in table:
+                    if k not in OPTION_KEYS or k == "seeds":
+                        raise _unknown(f"grid.{key}[{i}]", k, [o for o in OPTION_KEYS if o != "seeds"])
+                grid[key].append({k: _check_value(f"grid.{key}[{i}].{k}", k, v) for k, v in table.items()})
+            options = {k for table in grid[key] for k in table}
+        else:
+            raise _unknown("grid", key, list(OPTION_KEYS))
+        for option in options:
+            if option in set_by:
+                raise ConfigError(f"grid.{key} and grid.{set_by[option]} both set {option}: set each option in one place")
+            set_by[option] = key
+    return Sweep(path, text, settings, fixed, grid)
+
+
+def _seed_label(seeds: tuple[int, ...]) -> str:
+    if len(seeds) > 1 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_show(v)}" for k, v in value.items())
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _combinations(sweep: Sweep):
+    """(what varies, the options of one unit) for every combination of the grid, in file order."""
+    keys = list(sweep.grid)
+    for combo in itertools.product(*(sweep.grid[k] for k in keys)):
+        options = dict(sweep.fixed)
+        for key, choice in zip(keys, combo):
+            options.update(choice if isinstance(choice, dict) else {key: choice})
+        yield [f"{k}={_show(c)}" for k, c in zip(keys, combo) if len(sweep.grid[k]) > 1], options
+
+
+def plan(sweep: Sweep, cuda_available: bool) -> list[Unit]:
+    """Every unit of the sweep, in a fixed order: grid combinations x seed chunks x repeats."""
+    repeats = sweep.settings.get("repeats", 1)
+    units: list[Unit] = []
+    for varying, options in _combinations(sweep):
+        nproc = options.pop("nproc", 1)
+        device = options.pop("device", "auto")
+        if device == "auto":
+            device = "cuda" if cuda_available else "cpu"
+        try:
+            base, error = make_config(options.pop("preset", "seed"), cpu=device == "cpu", **options), None
+            seeds = base.seeds
+        except ConfigError as e:
+            base, error, seeds = None, str(e), options.get("seeds", ())
+        size = sweep.settings.get("seeds_per_unit") or max(1, len(seeds))
+        chunks = [seeds[i:i + size] for i in range(0, len(seeds), size)] or [()]
+        for part in chunks:
+            for repeat in range(repeats):
+                label = " ".join(varying + ([f"seeds={_seed_label(part)}"] if len(chunks) > 1 else [])
+                                 + ([f"repeat={repeat}"] if repeats > 1 else [])) or "(the one configuration)"
+                unit = Unit(len(units) + 1, label, nproc, device, None, error)
+                _settle(unit, base, part, repeat, cuda_available, options)
+                units.append(unit)
+    return units
+
+
+def _settle(unit: Unit, base: Config | None, seeds: tuple, repeat: int, cuda_available: bool, options: dict) -> None:
+    """The unit's config and id, or why it cannot run (then an id from its options, for status)."""
+    import torch
+
+    if unit.error is None:
+        try:
+            cfg = dataclasses.replace(base, seeds=seeds, repeat=repeat)
+            cfg.global_batch(unit.nproc)
+            if unit.device == "cuda" and not cuda_available:
+                raise ConfigError("device cuda: no CUDA device is visible on this machine")
+            unit.config = cfg
+            unit.id = cfg.unit_id(unit.nproc, unit.device, torch.__version__)
+            return
+        except ConfigError as e:
+            unit.error = str(e)
+    key = json.dumps([options, list(seeds), unit.nproc, unit.device, repeat], sort_keys=True, default=str)
+    unit.id = "invalid-" + hashlib.sha256(key.encode()).hexdigest()[:8]
