@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from bnbench.launch import accelerate_command
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(out: Path, nproc: int, args: list[str], gpu: bool, threads: int | None = None, repeats: int = 1) -> pd.Series:
@@ -47,15 +42,14 @@ def run_once(out: Path, nproc: int, args: list[str], gpu: bool, threads: int | N
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    run_args = args + ([] if gpu else ["--cpu"]) + ["--quiet", "--out", str(out)]
     if nproc == 1:
-        cmd = [str(BIN / "bnbench"), "run"]
-    else:
-        if not gpu:
-            env["ACCELERATE_USE_CPU"] = "true"
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "bnbench", "run"]
-    cmd += args + ([] if gpu else ["--cpu"]) + ["--quiet", "--out", str(out)]
+        cmd = [str(BIN / "bnbench"), "run", *run_args]
+    else:  # the command line bnbench's own launches use
+        import torch
+
+        cmd, extra = accelerate_command(nproc, run_args, cpu=not gpu, gpus=torch.cuda.device_count())
+        env.update(extra)
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     rows = pd.read_json(out / "results.jsonl", lines=True, precise_float=True)
     last = rows[rows.epoch == rows.epoch.max()].iloc[0].copy()

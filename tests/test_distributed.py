@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 from bnbench.config import ConfigError, make_config
 from bnbench.distributed import shard
+from bnbench.launch import free_port
 from bnbench.engine import Trainer, epoch_permutation
 
 from conftest import REPO, mnist_root, subset
@@ -36,12 +36,6 @@ CASES = {
     "reference-adam-sync": dict(engine="reference", optimizer="adam", sync_bn=True, **COMMON),
     "reference-sgd-local": dict(engine="reference", optimizer="sgd", lr=0.05, momentum=0.9, variants=["nobn", "bn"], **COMMON),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(tmp: Path, **extra) -> dict:

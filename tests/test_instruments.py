@@ -246,7 +246,7 @@ def test_presets_build_the_stated_architectures(mnist_cpu, accelerator):
     splits = subset(mnist_cpu["float32"], 600, 100)
     for cfg in (make_config("ioffe2015", seeds=(0,), engine="reference"), make_config("deep", seeds=(0,), engine="reference")):
         t = Trainer(cfg, splits, accelerator)
-        bn, nobn = (t._unit(v, 0)[0].net for v in ("bn", "nobn"))
+        bn, nobn = (t._stack(v, 0)[0].net for v in ("bn", "nobn"))
         width = len(cfg.hidden)
         assert [type(m) for m in bn] == [nn.Linear, nn.BatchNorm1d, nn.Sigmoid] * width + [nn.Linear]
         assert [type(m) for m in nobn] == [nn.Linear, nn.Sigmoid] * width + [nn.Linear]

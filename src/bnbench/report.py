@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Config, ConfigError, row_settings
-from .figures import LABELS, PALETTE, curve_bands, save_figure
+from .figures import LABELS, PALETTE, curve_bands, fixed_jitter, save_figure
 from .folder import META_FILE
 from .report_instruments import inside_section
 from .results import ResultsProblem, read_events, read_results
@@ -167,8 +167,9 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
         fig, ax = plt.subplots(figsize=(8, 1.2 + 0.9 * len(configs)))
         sns.boxplot(data=final, x="test_acc", y="config", hue="variant", hue_order=order, palette=palette, ax=ax,
                     fliersize=0, boxprops={"alpha": 0.35})
-        sns.stripplot(data=final, x="test_acc", y="config", hue="variant", hue_order=order, palette=palette, ax=ax,
-                      dodge=True, size=6, jitter=0.12, legend=False)
+        with fixed_jitter():
+            sns.stripplot(data=final, x="test_acc", y="config", hue="variant", hue_order=order, palette=palette, ax=ax,
+                          dodge=True, size=6, jitter=0.12, legend=False)
         ax.set_xlabel("final test accuracy (fraction correct), one point per seed")
         ax.set_ylabel("")
         ax.set_title("Final test accuracy: every seed over its box")
@@ -188,8 +189,9 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
     if len(ttt) and ttt["reached"].any():
         hit = ttt[ttt["reached"]].assign(variant=lambda d: d["variant"].map(lambda v: LABELS.get(v, v)))
         fig, ax = plt.subplots(figsize=(8, 1.2 + 0.9 * len(configs)))
-        sns.stripplot(data=hit, x="epochs", y="config", hue="variant", hue_order=order, palette=palette, ax=ax,
-                      dodge=True, size=7, jitter=0.15)
+        with fixed_jitter():
+            sns.stripplot(data=hit, x="epochs", y="config", hue="variant", hue_order=order, palette=palette, ax=ax,
+                          dodge=True, size=7, jitter=0.15)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel(f"epochs until test accuracy first reaches {target:.2%} (members that never do: in the table)")
         ax.set_ylabel("")
