@@ -34,16 +34,38 @@ def test_default_benchmark_reproduces_the_lab(tmp_path, data_root, accelerator):
     assert build_report(tmp_path).exists()
     print(f"final test accuracy: {summary}")
 
-    # reports/lab/ holds what ./launch.sh gave when it was committed; the README quotes it. On the same
-    # CPU model and torch build the run is bitwise reproducible, so it must match row for row.
+    # reports/lab/ holds what ./launch.sh gave when it was committed; the README quotes it.
     committed = REPO / "reports" / "lab"
     (meta,) = json.loads((committed / "meta.json").read_text())["runs"].values()
     same_env = meta["cpu"] == environment()["cpu"] and meta["versions"]["torch"] == torch.__version__
     keys, cols = ["variant", "seed", "epoch"], ["train_loss", "train_acc", "test_loss", "test_acc", "train_loss_running"]
     old = pd.read_json(committed / "results.jsonl", lines=True, precise_float=True).sort_values(keys)[keys + cols]
     new = df.sort_values(keys)[keys + cols]
+    old, new = old.reset_index(drop=True), new.reset_index(drop=True)
+
+    # On any machine: the same members (variant, seed), each with the same epochs, as the lab.
+    assert sorted(set(old["seed"])) == sorted(set(new["seed"])) == list(cfg.seeds)
+    assert old[keys].values.tolist() == new[keys].values.tolist(), "not the lab's members and epochs"
+    # On any machine, every member's final test accuracy within TOLERANCE of the lab's same member.
+    # Another CPU model or torch build rounds the float sums differently; over 9,000 steps the last
+    # bits grow, so a member can land where a run with another seed would. The lab's own seeds give
+    # that spread: final accuracy with BN 97.24-97.38% (0.14 points apart), without 96.45-96.85%
+    # (0.40 points; a standard deviation of 0.15). 0.5 points = 50 of the 10,000 test images: above
+    # that whole range, so a sound run on other hardware passes, yet a member 51 images off its
+    # committed value fails, where the thresholds above let a member drift by a point or more.
+    tolerance = 0.005
+    old_final = old[old["epoch"] == cfg.epochs].set_index(["variant", "seed"])["test_acc"]
+    new_final = new[new["epoch"] == cfg.epochs].set_index(["variant", "seed"])["test_acc"]
+    drift = (new_final - old_final).round(4)
+    assert (drift.abs() <= tolerance).all(), f"final test accuracy minus the lab's, per member (tolerance {tolerance}): {drift.to_dict()}"
+    # And BN ahead on every seed, here (asserted above) as in the lab.
+    lab = old_final.unstack("variant")
+    assert (lab["bn"] > lab["nobn"]).all() and (acc["bn"] > acc["nobn"]).all()
+    print(f"final test accuracy minus the lab's, per member: {drift.to_dict()}")
+
+    # On the same CPU model and torch build the run is bitwise reproducible, so it must match row for row.
     if same_env:
-        pd.testing.assert_frame_equal(old.reset_index(drop=True), new.reset_index(drop=True), check_exact=True)
+        pd.testing.assert_frame_equal(old, new, check_exact=True)
     else:
         print(f"reports/lab made on {meta['cpu']} / torch {meta['versions']['torch']}; here {environment()['cpu']} / "
-              f"{torch.__version__}: bitwise comparison not applicable, thresholds checked above")
+              f"{torch.__version__}: bitwise comparison not applicable; members, epochs and accuracies checked above")
