@@ -2,8 +2,9 @@
 # bnbench launcher. Sets up .venv/ by itself (idempotent), then:
 #   ./launch.sh [--nproc N] [--cpu] [RUN OPTIONS]
 #                            the lab's benchmark: 5 seeds x {BN, no-BN} x 15 epochs on MNIST, then its report.
-#                            --nproc N: N processes per machine under `accelerate launch` (DDP; default one per
-#                            visible GPU, else 1); --cpu: CPU processes (gloo). Multi-machine: --num_machines,
+#                            --nproc N: N processes per machine under `accelerate launch` (default one per
+#                            visible GPU, else 1), as seed groups x --dp N data-parallel groups (default: as many
+#                            seed groups as fit); --cpu: CPU processes (gloo). Multi-machine: --num_machines,
 #                            --machine_rank, --main_process_ip, --main_process_port, as accelerate launch takes them.
 #                            Any other option goes to `bnbench run` (bnbench run --help).
 #   ./launch.sh test [ARGS]  the test suite (pytest ARGS)
@@ -69,6 +70,10 @@ case "$cmd" in
                     echo "launch.sh: could not install $pkg; the tests that need it will fail" >&2
             done
         fi
+        # Passive OpenMP waits: with another CPU-heavy process beside the suite, torch's spinning
+        # threads fight over the 2 cores and an epoch of 60 steps took 19 s instead of 1.2 s
+        # (measured 2026-11-28); on a quiet machine passive costs ~5%. Numbers do not change.
+        export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
         exec "$PY" -m pytest tests "$@"
         ;;
     bench)

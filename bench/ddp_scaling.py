@@ -1,14 +1,16 @@
-"""Member-samples/s at 1 and N processes for BN, no-BN and sync-BN: what DDP costs here.
+"""Member-samples/s at 1 and N processes, per layout: seed groups (the default) and data parallel.
 
     .venv/bin/python bench/ddp_scaling.py                 # CPU: 1 and 2 gloo processes
     .venv/bin/python bench/ddp_scaling.py --nproc 1,2,4   # on a machine with more cores / GPUs
     .venv/bin/python bench/ddp_scaling.py --gpu           # NCCL on the visible GPUs
 
-Each case is a real `bnbench run` (stacked engine, 5 seeds of one variant, the lab's
-global batch of 100) launched as users launch it; the figure is the results rows'
-own samples_per_s of the last epoch (evaluation excluded). One extra case runs one
-process on one thread with a rank's share of the batch and no communication: the
-difference between it and a rank of the N-process run is what DDP's collectives cost.
+Each case is a real `bnbench run` (stacked engine, the lab's global batch of 100) launched
+as users launch it; the figure is the results rows' own samples_per_s of the last epoch
+(evaluation excluded). Cases: the lab's 10 members (5 seeds x bn, nobn) on N seed groups
+(dp 1: no communication), and 5 seeds of one variant (BN, no-BN, sync-BN) on one
+data-parallel group of N (dp N, DDP). One extra case runs one process on one thread with
+a rank's share of the batch and no communication: the difference between it and a rank
+of the N-process DDP run is what DDP's collectives cost.
 Each case is launched --repeats times (default 3) and the median reported with its
 range. Writes reports/ddp/scaling.csv and prints an aligned table.
 """
@@ -69,12 +71,14 @@ def main() -> None:
     counts = [int(n) for n in a.nproc.split(",")]
     base = ["--seeds", "0-4", "--epochs", str(a.epochs), "--batch-size", "100"]
     cases = [("bn", ["--variants", "bn"]), ("nobn", ["--variants", "nobn"]), ("sync-bn", ["--variants", "bn", "--sync-bn"])]
+    layouts = [("lab, seed groups", ["--variants", "bn,nobn"], lambda n: 1)] + [(name, extra, lambda n: n) for name, extra in cases]
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
-            for name, extra in cases:
-                r = run(Path(tmp) / f"{name}-{n}", n, base + extra, a.gpu, repeats=a.repeats)
-                records.append({"case": name, "processes": n, "threads": r.threads,
+            for name, extra, dp in layouts:
+                args = base + extra + ["--dp", str(dp(n))]
+                r = run(Path(tmp) / f"{name}-{n}", n, args, a.gpu, repeats=a.repeats)
+                records.append({"case": name, "processes": n, "dp": dp(n), "seed_groups": n // dp(n), "threads": r.threads,
                                 "backend": r.backend, "batch_size": r.batch_size, "per_device_batch": r.per_device_batch,
                                 "step_ms": 1e3 * r.train_seconds / (60_000 // r.batch_size),
                                 "member_samples_per_s": r.samples_per_s, "min": r.min_per_s, "max": r.max_per_s,
@@ -86,7 +90,8 @@ def main() -> None:
                 b = 100 // n
                 args = ["--seeds", "0-4", "--epochs", str(a.epochs), "--batch-size", str(b)] + extra
                 r = run(Path(tmp) / f"{name}-alone", 1, args, False, threads=1, repeats=a.repeats)
-                records.append({"case": f"{name} (one rank's compute, no comm)", "processes": 1, "threads": r.threads,
+                records.append({"case": f"{name} (one rank's compute, no comm)", "processes": 1, "dp": 1, "seed_groups": 1,
+                                "threads": r.threads,
                                 "backend": "none", "batch_size": b, "per_device_batch": b,
                                 "step_ms": 1e3 * r.train_seconds / (60_000 // b),
                                 "member_samples_per_s": r.samples_per_s, "min": r.min_per_s, "max": r.max_per_s,

@@ -8,6 +8,10 @@ Checks (float64 on the device, against torch itself):
   cuda == cpu             the same 30 steps on the CPU: max |dparam| <= 1e-9
   sync path, 1 process    the cross-process BN inside a one-process group == BatchNorm1d <= 1e-10
   torch SyncBatchNorm     reference engine converted with torch.nn.SyncBatchNorm (NCCL) == BN <= 1e-10
+                          (in a group of one these prove the sync code's arithmetic on the device,
+                          not its communication: torch's SyncBatchNorm then falls back to
+                          F.batch_norm, and bnbench's skips its all-reduce. The cross-process
+                          equalities are tests/test_distributed.py's, over gloo processes.)
   exact metrics           correct counts on the device == on the CPU, count for count
 Timings (float32, synchronised): one step of reference and stacked K=1,5,32 for bn / nobn /
 sync-bn, a default epoch, one full evaluation, data to the device, TF32 on vs off, and
@@ -78,11 +82,29 @@ def train_steps(cfg, splits, acc, steps: int) -> Trainer:
     return tr
 
 
+class OnCpu:
+    """What a Trainer asks of an Accelerator, on the CPU. Accelerate keeps one state per process:
+    a second Accelerator(cpu=True) beside a CUDA one raises (or would report the shared device)."""
+
+    device = torch.device("cpu")
+    process_index = 0
+
+    def prepare(self, *objs):
+        return objs if len(objs) > 1 else objs[0]
+
+    def backward(self, loss):
+        loss.backward()
+
+    def unwrap_model(self, model):
+        return model
+
+
 def one_process_group(device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     path = Path(tempfile.mkdtemp()) / "pg"
-    dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1,
-                            device_id=device if device.type == "cuda" else None)
+    # NCCL wants a device with an index; Accelerate's one-GPU device is plain `cuda`.
+    cuda = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else None
+    dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1, device_id=cuda)
 
 
 def main() -> int:
@@ -105,7 +127,7 @@ def main() -> int:
     t_start = time.perf_counter()
 
     # -- correctness, float64 -------------------------------------------------------
-    cpu_acc = Accelerator(cpu=True)
+    cpu_acc = OnCpu()
     full64 = data.load("mnist", a.data_root, device=device, dtype=torch.float64)
     cpu64 = data.load("mnist", a.data_root, device="cpu", dtype=torch.float64)
     n, steps = (1000, 8) if a.quick else (3000, 30)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnbench.config import ConfigError, make_config
+from bnbench.distributed import Mesh
+from bnbench.layout import Layout
 from bnbench.engine import Trainer, epoch_permutation
 from bnbench.instruments import PROBE_SAMPLES, PROBE_NEURONS, QUANTILES
 from bnbench.models import init_linears, reference_mlp
@@ -266,7 +268,8 @@ def test_presets_build_the_stated_architectures(mnist_cpu, accelerator):
 
 def test_instrument_refuses_several_processes(mnist_cpu, accelerator):
     with pytest.raises(ConfigError, match="--instrument measures in one process; this launch has 2"):
-        Trainer(make_config("ioffe2015", instrument=True), subset(mnist_cpu["float32"], 600, 100), accelerator, world_size=2)
+        two = Mesh(Layout(world=2, dp=2, members=10), rank=0)  # rank 0 of a 2-process launch
+        Trainer(make_config("ioffe2015", instrument=True), subset(mnist_cpu["float32"], 600, 100), accelerator, two)
 
 
 def test_interrupted_attempt_moves_its_measures_aside(tmp_path):

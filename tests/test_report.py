@@ -233,6 +233,29 @@ def test_throughput_scaling_sync_bn_and_repeats(tmp_path):
     assert (tmp_path / "report" / "sync_bn.png").exists() and (tmp_path / "report" / "throughput.svg").exists()
 
 
+def test_throughput_per_layout_and_rows_from_before_seed_groups(tmp_path):
+    """Scaling efficiency is per layout (world size, dp). Rows written before seed groups existed
+    (no dp column) were one DDP group of every process: they join the dp = world size rows."""
+    rows = []
+    for run, world, dp, rate in (("one", 1, 1, 2000.0), ("groups", 2, 1, 3800.0), ("ddp", 2, 2, 1000.0), ("old", 2, None, 1000.0)):
+        for seed in range(3):
+            for variant, acc in (("bn", 0.975 + seed / 1000), ("nobn", 0.965)):
+                for epoch in (1, 2):
+                    row = dict(run_id=run, repeat=0, variant=variant, seed=seed, epoch=epoch, epochs=2, test_acc=acc,
+                               test_loss=1 - acc, train_acc=acc, train_loss=1 - acc, diverged=False, train_seconds=1.0,
+                               device_name="CPU", engine="stacked", members=6, batch_size=100, world_size=world,
+                               per_device_batch=100 // (dp or world), sync_bn=False, samples_per_s=rate, dataset="mnist", lr=1e-3)
+                    if dp is not None:
+                        row.update(dp=dp, seed_groups=world // dp, seed_group=0)
+                    rows.append(row)
+    _write(tmp_path, rows)
+    build_report(tmp_path)
+    section = (tmp_path / "report" / "report.md").read_text().split("## Throughput and scaling")[1].split("##")[0]
+    assert "| CPU | 1 | 1 | stacked | False | 6 | 100 | 2,000 | 2,000 | 2,000 | 1 | 1.00 |" in section
+    assert "| CPU | 2 | 1 | stacked | False | 6 | 100 | 3,800 | 3,800 | 3,800 | 1 | 0.95 |" in section
+    assert "| CPU | 2 | 2 | stacked | False | 6 | 100 | 1,000 | 1,000 | 1,000 | 2 | 0.25 |" in section  # "old" joined "ddp"
+
+
 def test_target_option(tmp_path):
     import subprocess
     import sys

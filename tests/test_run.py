@@ -81,9 +81,11 @@ def test_diverged_member_marked_others_untouched(tmp_path, accelerator, mnist_cp
         # Make nobn/seed1 blow up as a diverging member would: NaN in one weight.
         for u in trainer.stacks:
             if u.variant == "nobn" and u.members.start <= trainer.members.index(("nobn", 1)) < u.members.stop:
-                w = trainer.accelerator.unwrap_model(u.model).parameters().__next__()
                 with torch.no_grad():
-                    (w[1] if engine == "stacked" else w)[0, 0] = float("nan")
+                    if engine == "stacked":
+                        u.net.weight(0)[1, 0, 0] = float("nan")  # member 1 of the stack, first weight
+                    else:
+                        u.net[0].weight[0, 0] = float("nan")
 
     _run(cfg, tmp_path / "clean", splits, accelerator)
     _run(cfg, tmp_path / "bad", splits, accelerator, on_trainer=poison)

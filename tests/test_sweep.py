@@ -121,10 +121,12 @@ device = ["cpu", "cuda"]
     units = plan(load_sweep(path), cuda_available=False)
     assert len(units) == 2 * 2 * 3 * 2
     ok = [u for u in units if u.error is None]
-    assert len(ok) == 6 and all(u.nproc == 1 and u.device == "cpu" for u in ok)
-    assert [u.config.seeds for u in ok[::2]] == [(0, 1), (2, 3), (4,)] and [u.config.repeat for u in ok[:2]] == [0, 1]
+    # 3 processes: 3 seed groups for 2 seeds' 4 members; the last chunk's 2 members fit no layout.
+    assert len(ok) == 10 and all(u.device == "cpu" for u in ok) and sum(u.nproc == 3 for u in ok) == 4
+    one = [u for u in ok if u.nproc == 1]
+    assert [u.config.seeds for u in one[::2]] == [(0, 1), (2, 3), (4,)] and [u.config.repeat for u in one[:2]] == [0, 1]
     reasons = {u.error for u in units if u.error}
-    assert reasons == {"global batch 100 does not split over 3 processes; use a multiple of 3, or --per-device-batch",
+    assert reasons == {'no layout of 3 processes fits 2 members (1 seed x 2 variants) with global batch 100: seed groups need a member each, and a data-parallel group must split the batch. Try --seeds 0-1 (3 seed groups x dp 1), or fewer processes',
                        "device cuda: no CUDA device is visible on this machine"}
     assert len({u.id for u in units}) == len(units)  # every unit, valid or not, has its own id
     assert [u.id for u in plan(load_sweep(path), cuda_available=False)] == [u.id for u in units]
@@ -135,7 +137,10 @@ def test_unit_id_covers_what_changes_results():
     base = make_config()
     uid = base.unit_id(1, "cpu", "2.14.1")
     # Pinned: a change here reruns every unit of every user's sweeps. Change it on purpose only.
-    assert uid == "a4f8b3eefd2eb4ff"
+    assert uid == "5b51dedcde9219df"  # training code 2 (aligned stacked parameters); was a4f8b3eefd2eb4ff
+    # A launch that is one DDP group keeps the id it had before seed groups; seed groups get their own.
+    assert base.unit_id(2, "cpu", "2.14.1", dp=2) == base.unit_id(2, "cpu", "2.14.1")
+    assert base.unit_id(2, "cpu", "2.14.1", dp=1) != base.unit_id(2, "cpu", "2.14.1")
     # One spelling per value: lr 1 is lr 1.0; --cpu is the device kind, which is already in the id.
     assert make_config(lr=1).unit_id(1, "cpu", "2.14.1") == make_config(lr=1.0).unit_id(1, "cpu", "2.14.1")
     assert make_config(cpu=True).unit_id(1, "cpu", "2.14.1") == uid
@@ -268,12 +273,12 @@ def test_sweep_records_failures_resumes_and_runs_only_new_units(tmp_path, capsys
     first = events(out)
     assert sorted(e["event"] for e in first) == ["done"] * 4 + ["failed"] * 4 + ["start"] * 4
     assert {e["reason"] for e in first if e["event"] == "failed"} == {
-        "global batch 500 does not split over 3 processes; use a multiple of 3, or --per-device-batch"}
+        'no layout of 3 processes fits 2 members (1 seed x 2 variants) with global batch 500: seed groups need a member each, and a data-parallel group must split the batch. Try --seeds 0-1 (3 seed groups x dp 1), or fewer processes'}
     summary = capsys.readouterr().out
     assert "4 of 8 units done (4 now), 4 failed" in summary and "failed: unit 3 lr=0.001 nproc=3 seeds=0" in summary
     assert status(out) == 0
     text = capsys.readouterr().out
-    assert "8 units; 4 done, 4 failed, 0 left" in text and "does not split over 3 processes" in text
+    assert "8 units; 4 done, 4 failed, 0 left" in text and "no layout of 3 processes fits 2 members" in text
 
     # Rerun: nothing done runs again, no row is added, the failures are reported again.
     before = (out / "results.jsonl").read_bytes()
@@ -391,7 +396,7 @@ def test_progress_bars_on_a_terminal_plain_lines_in_logs(tmp_path, monkeypatch, 
             assert p.mode == "bars" and "sweep: 100%" in text and "2/2" in text
         elif quiet:
             assert p.mode == "quiet" and "started" not in text and "epoch" not in text
-            assert "[2/2] unit 3 lr=0.001 nproc=3 seeds=0: failed: global batch 500" in text
+            assert "[2/2] unit 3 lr=0.001 nproc=3 seeds=0: failed: no layout of 3 processes" in text
         else:
             assert p.mode == "lines" and "[1/2] unit 1 lr=0.001 nproc=1 seeds=0: epoch 1/1" in text
             assert "[1/2] unit 1 lr=0.001 nproc=1 seeds=0: done: 1.0 s" in text

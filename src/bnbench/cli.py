@@ -173,16 +173,23 @@ def build_parser(config_cls=Config) -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(a) -> Config:
+    """The Config of parsed `bnbench run` options."""
+    return make_config(a.preset, **{f.name: getattr(a, f.name) for f in settings() if f.name != "preset"})
+
+
 def cmd_run(a) -> int:
     from .run import Setup, training_function
 
-    cfg = make_config(a.preset, **{f.name: getattr(a, f.name) for f in settings() if f.name != "preset"})
+    cfg = config_from_args(a)
     out = Path(a.out or f"runs/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
     child = bool(os.environ.get(SWEEP_CHILD_ENV))
     if child:
         die_with_parent(signal.SIGTERM)  # a sweep killed with -9 takes its units down with it
     setup = Setup(data_root=a.data_root, dist_timeout=a.dist_timeout)
     run_id = training_function(cfg, out, setup, quiet=a.quiet, hold_lock=not child)
+    if launched_world() > 1:
+        setup.accelerator.end_training()  # the process group ends with the run (NCCL warns at exit otherwise)
     if launched_rank() != 0:
         return 0  # rank 0 wrote the results and reports them
     print(f"results: {out / 'results.jsonl'} (run {run_id})")

@@ -24,7 +24,9 @@ DTYPES = ("float32", "float64")
 
 # Part of every unit's identity: bump it when a change to bnbench alters any number a
 # run records (not for refactors), so that sweeps rerun what the change affects.
-TRAINING_CODE_VERSION = 1
+# 2 (2026-11-28): stacked parameters stored 64-byte aligned per member (models.ALIGN_BYTES), which
+# changes the last bits of fused-optimizer updates of members that sat in a vector tail.
+TRAINING_CODE_VERSION = 2
 TRAIN_SAMPLES = 60_000  # MNIST and Fashion-MNIST alike: steps per epoch = this // global batch
 
 # Presets are plain dicts of Config fields; the CLI overrides any of them.
@@ -100,12 +102,12 @@ class Config:
     optimizer: str = setting("adam", "adam / sgd", "str", choices=OPTIMIZERS, column=True)
     lr: float = setting(1e-3, "learning rate", "float", check="positive", column=True)
     momentum: float = setting(0.0, "SGD momentum (0 for adam)", "float", column=True)
-    batch_size: int | None = setting(100, "global mini-batch in samples, split over the processes", "int",
+    batch_size: int | None = setting(100, "global mini-batch in samples, split over a data-parallel group", "int",
                                      check="positive",
-                                     column="global mini-batch: samples per member per step over all processes")
+                                     column="global mini-batch: samples per member per step over its dp processes")
     per_device_batch: int | None = setting(
-        None, "instead: samples per process per step (global = this x processes)", "int", check="positive",
-        column="samples per member per step in each process (batch_size / world_size)")
+        None, "instead: samples per process per step (global = this x dp)", "int", check="positive",
+        column="samples per member per step in each process (batch_size / dp)")
     epochs: int = setting(15, "passes over the training set", "int", check="positive",
                           column="epochs configured for the run")
     seeds: tuple[int, ...] = setting((0, 1, 2, 3, 4), "init and data-order seeds, e.g. 0,3,7 or 0-9", "seeds")
@@ -115,6 +117,10 @@ class Config:
     dtype: str = setting("float32", "float32 / float64", "str", choices=DTYPES, column=True)
     sync_bn: bool = setting(False, "BN training statistics over the global batch across processes (--sync-bn)",
                             "bool", column=True)
+    dp: int | None = setting(None, "processes per data-parallel group (DDP); processes / dp seed groups train shares "
+                             "of the members apart (default: as many seed groups as fit)", "int", check="positive",
+                             column="processes that train each member together (DDP); world_size / dp seed groups",
+                             identity=False, metavar="N")  # the resolved dp enters unit_id
     cpu: bool = setting(False, "train on the CPU even when a GPU is visible", "bool",
                         sweep=False, identity=False)  # sweeps say `device`; the device kind is in the id
     compile: bool = setting(False, "units stepped through torch.compile (--compile); compile time is in meta.json",
@@ -155,35 +161,40 @@ class Config:
     def to_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
 
-    def unit_id(self, world_size: int, device_kind: str, torch_version: str) -> str:
+    def unit_id(self, world_size: int, device_kind: str, torch_version: str, dp: int | None = None) -> str:
         """The identity of one launch of this config: equal ids give equal results.
 
         Everything that changes a number is in it; the preset's name is not (its
         values are), nor is `cpu` (the device kind is). Stable across processes and
-        machines: sweeps use it to skip what is done.
+        machines: sweeps use it to skip what is done. dp: the layout's resolved
+        data-parallel size; a launch that is one DDP group (dp = world size, all that
+        existed before seed groups) keeps the id it always had.
         """
         values = self.to_dict()
         fields = {f.name: values[f.name] for f in dataclasses.fields(self) if f.metadata["identity"]
                   and not (f.metadata["later"] and getattr(self, f.name) == f.default)}
         ident = {"config": fields, "world_size": world_size, "device": device_kind,
                  "torch": torch_version, "training_code": TRAINING_CODE_VERSION}
+        if dp is not None and dp != world_size:
+            ident["dp"] = dp
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
-    def global_batch(self, world_size: int) -> int:
-        """Samples per member per step over all processes; an error if they cannot split evenly."""
+    def global_batch(self, dp: int) -> int:
+        """Samples per member per step over the dp processes of a data-parallel group; an error
+        if they cannot split evenly."""
         if self.per_device_batch is not None:
-            return self.per_device_batch * world_size
-        if self.batch_size % world_size:
+            return self.per_device_batch * dp
+        if self.batch_size % dp:
             raise ConfigError(
-                f"global batch {self.batch_size} does not split over {world_size} processes; "
-                f"use a multiple of {world_size}, or --per-device-batch"
+                f"global batch {self.batch_size} does not split over {dp} data-parallel processes; "
+                f"use a multiple of {dp}, a --dp that divides it, or --per-device-batch"
             )
         return self.batch_size
 
-    def eval_steps(self, world_size: int, train_samples: int = TRAIN_SAMPLES) -> list[int]:
+    def eval_steps(self, dp: int, train_samples: int = TRAIN_SAMPLES) -> list[int]:
         """The steps after which a run evaluates and writes rows: every epoch's end, or every
         eval_every steps and the last step."""
-        per_epoch = train_samples // self.global_batch(world_size)
+        per_epoch = train_samples // self.global_batch(dp)
         if per_epoch == 0:
             return []  # a batch larger than the data: the Trainer refuses it, naming both
         total = self.epochs * per_epoch

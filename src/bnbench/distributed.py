@@ -1,21 +1,25 @@
-"""Distributed: N processes, one run. The launch checks, the accelerator, cross-process BN.
+"""Distributed: N processes, one run. The launch checks, the accelerator, the mesh, cross-process BN.
 
-    ./launch.sh --nproc 2 --cpu --epochs 1                       # 2 CPU processes, DDP over gloo
-    accelerate launch --multi_gpu --num_processes 4 -m bnbench run --sync-bn   # 4 GPUs, NCCL
+    ./launch.sh --nproc 8 --cpu --epochs 1                       # 8 CPU processes: 8 seed groups
+    ./launch.sh --nproc 2 --cpu --dp 2 --sync-bn                 # one DDP group of 2 over gloo
+    accelerate launch --multi_gpu --num_processes 4 -m bnbench run --dp 2 --sync-bn   # 2 x 2 on GPUs
     torchrun --nproc_per_node 2 -m bnbench run                   # launching yourself works too
 
-Semantics (the same at any world size W):
-  --batch-size B is the global batch; rank r trains every member on its slice
-  [r*B/W, (r+1)*B/W) of each global batch, and DDP averages the gradients, so a
-  no-BN member follows the one-process trajectory up to summation order.
-  BN without --sync-bn normalises each slice by its own statistics (what plain
-  DDP does); the running statistics evaluated are rank 0's. With --sync-bn the
-  statistics are those of the global batch, on every rank.
+The W processes form a mesh of seed groups x data-parallel groups (layout.py). Inside a
+data-parallel group of dp processes (the same at any dp):
+  --batch-size B is the group's global batch; its process p trains each of the group's
+  members on the slice [p*B/dp, (p+1)*B/dp) of each global batch, and DDP averages the
+  gradients over the group, so a no-BN member follows the one-process trajectory up to
+  summation order. BN without --sync-bn normalises each slice by its own statistics
+  (what plain DDP does); the running statistics evaluated are those of the group's first
+  process. With --sync-bn the statistics are those of the group's global batch.
+Seed groups never communicate while they train; their rows meet at rank 0 after each window.
 """
 from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,7 @@ from torch import nn
 
 from .config import ConfigError
 from .launch import LaunchError, launched_rank, launched_world
+from .layout import Layout
 
 
 def make_accelerator(cpu: bool = False, timeout_s: float = 600.0):
@@ -75,12 +80,79 @@ def check_world(accelerator) -> int:
     return world_size
 
 
+@dataclass
+class Mesh:
+    """This process's place in a layout, and the process group its collectives use."""
+
+    layout: Layout
+    rank: int
+    # The data-parallel group's ProcessGroup; None when there is nobody to talk to (no process
+    # group at all, or a seed group of one process among several).
+    group: object = None
+
+    @property
+    def seed_group(self) -> int:
+        return self.layout.group_of_rank(self.rank)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.dp_rank(self.rank)
+
+    @property
+    def members(self) -> slice:
+        return self.layout.share(self.seed_group)
+
+    @property
+    def leads(self) -> bool:
+        """First process of its data-parallel group: its rows speak for the group."""
+        return self.dp_rank == 0
+
+
+_GROUPS: dict[tuple[int, int], object] = {}  # (world, dp) -> this rank's group: made once per process
+
+
+def make_mesh(layout: Layout, rank: int) -> Mesh:
+    """The mesh of a launch. Every rank calls it with the same layout (new_group is collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Mesh(layout, 0)
+    if dist.get_world_size() != layout.world:
+        raise LaunchError(f"a layout of {layout.world} processes in a process group of {dist.get_world_size()}")
+    if layout.dp == layout.world:
+        # One data-parallel group: the world (also a process group of one, as bench/ sets up).
+        return Mesh(layout, rank, dist.group.WORLD)
+    if layout.dp == 1:
+        return Mesh(layout, rank)  # seed groups of one process: each holds its whole batch
+    key = (layout.world, layout.dp)
+    if key not in _GROUPS:
+        for g in range(layout.seed_groups):  # every rank creates every group, in the same order
+            ranks = list(range(g * layout.dp, (g + 1) * layout.dp))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                _GROUPS[key] = group
+    return Mesh(layout, rank, _GROUPS[key])
+
+
+def from_first(obj, mesh: Mesh):
+    """Rank 0's obj on every rank (the run id that every row carries, whichever group wrote it)."""
+    if mesh.layout.world == 1 or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_first(obj, mesh: Mesh) -> list | None:
+    """Rank 0: the objects of every group's first process, in group order; other ranks: None.
+    A launch of one seed group needs no gather: every process already holds the group's rows."""
+    if mesh.layout.seed_groups == 1:
+        return [obj]
+    got = [None] * mesh.layout.world if mesh.rank == 0 else None
+    dist.gather_object(obj if mesh.leads else None, got, dst=0)
+    return None if got is None else [got[g * mesh.layout.dp] for g in range(mesh.layout.seed_groups)]
+
+
 def backend_name() -> str:
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
-
-
-def active_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 # -- cross-process batch norm --------------------------------------------------------
@@ -92,8 +164,10 @@ def sync_batch_norm(
     bias: torch.Tensor | None,
     momentum: float,
     eps: float,
+    group=None,
 ) -> torch.Tensor:
-    """Training-mode BN of x [b, C] with the statistics of every process's x together.
+    """Training-mode BN of x [b, C] with the statistics of every process's x in `group`
+    (default: the world) together.
 
     Each rank takes its slice's mean and (biased) variance with one torch.var_mean,
     then ONE differentiable all-reduce of (n, n*(m - s), n*(v + (m - s)^2)) combines
@@ -112,8 +186,9 @@ def sync_batch_norm(
     dm = m - shift
     count = torch.full((1,), n_local, dtype=x.dtype, device=x.device)
     stats = torch.cat([n_local * dm, n_local * (v + dm * dm), count])
-    if dist.get_world_size() > 1:  # a group of one (torchrun --nproc_per_node 1) has nobody to ask
-        stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", dist.group.WORLD))
+    group = group or dist.group.WORLD
+    if dist.get_world_size(group) > 1:  # a group of one (torchrun --nproc_per_node 1) has nobody to ask
+        stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", group))
     n = stats[2 * c]
     m1 = stats[:c] / n
     var = (stats[c : 2 * c] / n - m1 * m1).clamp_min(0)
@@ -135,17 +210,21 @@ class CrossProcessBatchNorm1d(nn.BatchNorm1d):
     one-process training are BatchNorm1d's own code.
     """
 
+    process_group = None  # set by convert_sync_bn; None: the world
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized():
             return super().forward(x)
         self.num_batches_tracked.add_(1)
-        return sync_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.momentum, self.eps)
+        return sync_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.momentum, self.eps,
+                               self.process_group)
 
 
-def convert_sync_bn(model: nn.Module, backend: str) -> nn.Module:
-    """Every BatchNorm1d of model made cross-process: torch's SyncBatchNorm on NCCL, ours elsewhere."""
+def convert_sync_bn(model: nn.Module, backend: str, group=None) -> nn.Module:
+    """Every BatchNorm1d of model made cross-process over `group` (default the world): torch's
+    SyncBatchNorm on NCCL, ours elsewhere."""
     if backend == "nccl":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm1d:
             new = CrossProcessBatchNorm1d(
@@ -153,26 +232,32 @@ def convert_sync_bn(model: nn.Module, backend: str) -> nn.Module:
                 device=child.running_mean.device, dtype=child.running_mean.dtype,
             )
             new.load_state_dict(child.state_dict())
+            new.process_group = group
             setattr(model, name, new)
         else:
-            convert_sync_bn(child, backend)
+            convert_sync_bn(child, backend, group)
     return model
 
 
 # -- consistency and exact reductions ------------------------------------------------
-def broadcast_buffers(modules: list[nn.Module]) -> None:
-    """Rank 0's buffers (BN running statistics) to every rank, so all ranks evaluate one model."""
-    if active_world() == 1:
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def broadcast_buffers(modules: list[nn.Module], group=None) -> None:
+    """The group's first process's buffers (BN running statistics) to the group, so that its
+    processes evaluate one model."""
+    if _size(group) == 1:
         return
     for m in modules:
         for buf in m.buffers():
-            dist.broadcast(buf, src=0)
+            dist.broadcast(buf, group=group, group_src=0)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place, returned); integer counts stay exact."""
-    if active_world() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over the group's processes (in place, returned); integer counts stay exact."""
+    if _size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 

@@ -16,23 +16,24 @@ import hashlib
 import time
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, ConfigError
 from .data import Splits
 from .distributed import (
+    Mesh,
     all_reduce_sum,
     backend_name,
     broadcast_buffers,
     convert_sync_bn,
+    make_mesh,
     shard,
 )
+from .layout import Layout
 from .models import StackedMLP, init_linears, reference_mlp
 
 
@@ -64,9 +65,9 @@ def stacked_losses(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torc
     return F.cross_entropy(logits.reshape(k * b, c), yb.reshape(-1), reduction="none").view(k, b).mean(1)
 
 
-def reference_losses(seed_row: int, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    """[1]: exactly the lab's step on this member's batch."""
-    return F.cross_entropy(model(xb[seed_row]), yb[seed_row]).unsqueeze(0)
+def reference_losses(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """[1]: exactly the lab's step on this member's batch (xb [1, b, 784])."""
+    return F.cross_entropy(model(xb[0]), yb[0]).unsqueeze(0)
 
 
 @dataclass
@@ -75,7 +76,8 @@ class Stack:
 
     variant: str
     members: slice  # positions in Trainer.members (contiguous by construction)
-    model: nn.Module  # what training calls: DDP-wrapped when world size > 1
+    rows: slice  # its members' rows of a step's batch (Trainer.batch_at), in member order
+    model: nn.Module  # what training calls: DDP-wrapped when its data-parallel group has several processes
     optimizer: torch.optim.Optimizer
     net: nn.Module  # the bare module: evaluation, state, buffers
     losses: Callable  # (model, xb, yb) -> [members] losses; torch.compile'd with --compile
@@ -83,15 +85,19 @@ class Stack:
 
 
 class Trainer:
-    """Holds the members of one config on one device and moves them through epochs: one Stack per optimizer."""
+    """Holds one process's members of a config on one device and moves them through epochs:
+    one Stack per optimizer. Its members are its seed group's share (all of them in one process)."""
 
-    def __init__(self, cfg: Config, splits: Splits, accelerator, world_size: int = 1):
+    def __init__(self, cfg: Config, splits: Splits, accelerator, mesh: Mesh | None = None):
         self.cfg, self.splits, self.accelerator = cfg, splits, accelerator
         self.device = accelerator.device
         self.dtype = getattr(torch, cfg.dtype)
-        self.world_size, self.rank = world_size, accelerator.process_index
-        self.batch = cfg.global_batch(world_size)  # global: every member, every step
-        self.local_batch = self.batch // world_size  # this process's slice of it
+        all_members = [(v, s) for v in cfg.variants for s in cfg.seeds]
+        self.mesh = mesh or make_mesh(Layout(1, 1, len(all_members)), 0)  # one process (in a group of one, if any)
+        layout, self.group = self.mesh.layout, self.mesh.group
+        self.world_size, self.dp, self.rank = layout.world, layout.dp, self.mesh.dp_rank
+        self.batch = cfg.global_batch(self.dp)  # global: every member, every step, over the data-parallel group
+        self.local_batch = self.batch // self.dp  # this process's slice of it
         n = splits.train_x.shape[0]
         if self.batch > n:
             raise ConfigError(f"global batch {self.batch} exceeds the {n} training samples")
@@ -99,29 +105,42 @@ class Trainer:
         bn_batch = self.batch if cfg.sync_bn else self.local_batch
         if "bn" in cfg.variants and bn_batch < 2:
             raise ConfigError(f"BatchNorm needs at least 2 samples per batch; it would see {bn_batch}")
-        if cfg.instrument and world_size > 1:
+        if cfg.instrument and self.world_size > 1:
             # Its extra forwards and backwards would have to run in lock-step on every rank.
-            raise ConfigError(f"--instrument measures in one process; this launch has {world_size}. "
+            raise ConfigError(f"--instrument measures in one process; this launch has {self.world_size}. "
                               "Launch it without --nproc / several processes.")
-        # Any process group (even of one process, as in bench/) runs the cross-process path.
-        self.sync_bn = cfg.sync_bn and dist.is_initialized()
+        # Any data-parallel process group (even of one process, as in bench/) runs the cross-process
+        # path; a seed group of one process among several holds its whole batch: plain BN is sync BN.
+        self.sync_bn = cfg.sync_bn and self.group is not None
         self.backend = backend_name()
-        seeds = list(cfg.seeds)
-        inits = {s: [(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)] for s in seeds}
-        self.members = [(v, s) for v in cfg.variants for s in seeds]
+        self.members = all_members[self.mesh.members]  # this seed group's share, in the run's order
+        # The seeds whose batches a step draws, each stack's a contiguous run of them. Both variants of
+        # one process share a seed list when they can (one batch for bn and nobn of a seed, as the lab).
+        by_variant = {v: [s for w, s in self.members if w == v] for v in cfg.variants}
+        lists = [x for x in by_variant.values() if x]
+        shared = all(x == lists[0] for x in lists)
+        self.seeds = lists[0] if shared else [s for x in lists for s in x]
+        inits = {s: [(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)]
+                 for s in dict.fromkeys(self.seeds)}
         self.stacks: list[Stack] = []
-        for vi, v in enumerate(cfg.variants):
-            base = vi * len(seeds)
+        row = 0
+        for v, seeds in by_variant.items():
+            if not seeds:
+                continue
+            base = self.members.index((v, seeds[0]))
             if cfg.engine == "stacked":
                 net = StackedMLP([inits[s] for s in seeds], bn=(v == "bn"), activation=cfg.activation,
-                                 sync_bn=self.sync_bn, drop_bias=cfg.bn_drop_bias)
-                self._add(v, slice(base, base + len(seeds)), net, stacked_losses, fused=True)
+                                 sync_bn=self.sync_bn, drop_bias=cfg.bn_drop_bias, group=self.group)
+                self._add(v, slice(base, base + len(seeds)), slice(row, row + len(seeds)), net, stacked_losses, fused=True)
             else:
                 for j, s in enumerate(seeds):
                     net = reference_mlp(inits[s], bn=(v == "bn"), activation=cfg.activation, drop_bias=cfg.bn_drop_bias)
                     if self.sync_bn and v == "bn":
-                        net = convert_sync_bn(net, self.backend)
-                    self._add(v, slice(base + j, base + j + 1), net, partial(reference_losses, j), fused=False)
+                        net = convert_sync_bn(net, self.backend, self.group)
+                    self._add(v, slice(base + j, base + j + 1), slice(row + j, row + j + 1), net, reference_losses,
+                              fused=False)
+            if not shared:
+                row += len(seeds)
         self.steps_done = 0
         self.instruments = None
         if cfg.instrument:
@@ -129,20 +148,28 @@ class Trainer:
 
             self.instruments = Instruments(cfg, self.members, splits.test_x, sync=self._sync)
         self.diverged = torch.zeros(len(self.members), dtype=torch.bool)
-        self.diverged_epoch: list[int | None] = [None] * len(self.members)
 
-    def _add(self, variant: str, members: slice, net: nn.Module, losses: Callable, fused: bool) -> None:
+    def _add(self, variant: str, members: slice, rows: slice, net: nn.Module, losses: Callable, fused: bool) -> None:
         net = net.to(self.device)  # fused optimizers want their parameters placed first
         opt = make_optimizer(self.cfg, net.parameters(), fused=fused)
         with warnings.catch_warnings():
-            # accelerate can only pass DDP broadcast_buffers=False, which torch now calls deprecated
-            # in favour of forward_sync_buffers; both skip the per-step buffer broadcast we avoid.
+            # DDP's broadcast_buffers=False, which torch now calls deprecated in favour of
+            # forward_sync_buffers; both skip the per-step buffer broadcast we avoid.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
-            model, opt = self.accelerator.prepare(net, opt)  # DDP when world size > 1
+            if self.mesh.layout.seed_groups == 1:
+                model, opt = self.accelerator.prepare(net, opt)  # Accelerate's DDP over the world (none alone)
+            elif self.dp > 1:
+                # Accelerate's DDP spans the world and cannot take a subgroup: a data-parallel
+                # group of a mesh is wrapped here, as Accelerate would wrap the world.
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                model = nn.parallel.DistributedDataParallel(net, device_ids=ids, process_group=self.group,
+                                                            broadcast_buffers=False)
+            else:
+                model = net  # a seed group of one process has no gradients to average
         eager = losses
         if self.cfg.compile:
             losses = torch.compile(losses)
-        self.stacks.append(Stack(variant, members, model, opt, self.accelerator.unwrap_model(model), losses, eager))
+        self.stacks.append(Stack(variant, members, rows, model, opt, self.accelerator.unwrap_model(model), losses, eager))
 
     def warm_up(self) -> float:
         """With --compile: compile every stack's forward and backward on the first batch, then
@@ -167,9 +194,9 @@ class Trainer:
         return self.splits.train_x.shape[0] // self.batch  # drop_last, as the lab
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        """[S, N] permutations, one per seed, on the device."""
+        """[S, N] permutations, one per seed of self.seeds, on the device."""
         n = self.splits.train_x.shape[0]
-        return torch.stack([epoch_permutation(s, epoch, n) for s in self.cfg.seeds]).to(self.device)
+        return torch.stack([epoch_permutation(s, epoch, n) for s in self.seeds]).to(self.device)
 
     def local_indices(self, order: torch.Tensor, t: int) -> torch.Tensor:
         """[S, b]: the samples this rank trains on in step t, its slice of the global batch."""
@@ -179,7 +206,7 @@ class Trainer:
     def batch_at(self, order: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step t's inputs [S, b, 784] and labels [S, b] for every seed: one index_select each."""
         idx = self.local_indices(order, t).reshape(-1)
-        s = len(self.cfg.seeds)
+        s = len(self.seeds)
         # index_select is ~3x faster than x[idx] on the CPU.
         xb = self.splits.train_x.index_select(0, idx).view(s, self.local_batch, -1)
         yb = self.splits.train_y.index_select(0, idx).view(s, self.local_batch)
@@ -189,15 +216,16 @@ class Trainer:
         """One optimizer step of every member; adds each member's batch loss to loss_sum (on the device)."""
         probe = self.instruments
         for u in self.stacks:
+            x, y = xb[u.rows], yb[u.rows]  # views
             u.optimizer.zero_grad(set_to_none=True)
-            losses = u.losses(u.model, xb, yb)
+            losses = u.losses(u.model, x, y)
             # Summing member losses keeps each member's gradient its own.
             self.accelerator.backward(losses.sum())
             if probe is not None:
-                probe.before_step(u, xb, yb, self.steps_done)
+                probe.before_step(u, x, y, self.steps_done)
             u.optimizer.step()
             if probe is not None:
-                probe.after_step(u, xb, yb, self.steps_done)
+                probe.after_step(u, x, y, self.steps_done)
             loss_sum[u.members] += losses.detach()
 
     def train_steps(self, stop: int, on_step=None) -> tuple[torch.Tensor, float]:
@@ -226,14 +254,14 @@ class Trainer:
             self.steps_done = g + 1
             if on_step is not None:
                 on_step(g + 1 - start)
-        # Equal slices: the mean of the ranks' slice losses is the global-batch loss.
-        all_reduce_sum(loss_sum)
+        # Equal slices: the mean of the group's slice losses is the global-batch loss.
+        all_reduce_sum(loss_sum, self.group)
         if not self.sync_bn:
-            # Each rank's BN running statistics followed its own slice: from here on, all hold rank 0's.
-            broadcast_buffers([u.net for u in self.stacks])
+            # Each process's BN running statistics followed its own slice: from here on, all hold the first's.
+            broadcast_buffers([u.net for u in self.stacks], self.group)
         self._sync()
         seconds = time.perf_counter() - t0 - ((self.instruments.seconds - measured) if self.instruments else 0.0)
-        return (loss_sum / ((stop - start) * self.world_size)).cpu(), seconds
+        return (loss_sum / ((stop - start) * self.dp)).cpu(), seconds
 
     def train_epoch(self, epoch: int, on_step=None) -> tuple[torch.Tensor, float]:
         """Epoch `epoch` for every member (the next one): train_steps to its last step."""
@@ -249,15 +277,15 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Eval mode over every sample of (x, y), each scored exactly once over all ranks
-        (contiguous shares, no padding): per member the mean loss (float64), the number
-        correct (int64), and the number of samples scored. Every rank returns the same."""
+        """Eval mode over every sample of (x, y), each scored exactly once over the data-parallel
+        group (contiguous shares, no padding): per member the mean loss (float64), the number
+        correct (int64), and the number of samples scored. Every process of the group returns the same."""
         m = len(self.members)
         loss_sum = torch.zeros(m, dtype=torch.float64, device=self.device)
         correct = torch.zeros(m, dtype=torch.int64, device=self.device)
         for u in self.stacks:
             u.net.eval()
-        mine = shard(x.shape[0], self.rank, self.world_size)
+        mine = shard(x.shape[0], self.rank, self.dp)
         for start in range(mine.start, mine.stop, self.cfg.eval_batch):
             stop = min(start + self.cfg.eval_batch, mine.stop)
             xc, yc = x[start:stop], y[start:stop]
@@ -269,8 +297,8 @@ class Trainer:
                 per_sample = F.cross_entropy(logits.reshape(k * n, c), yc.repeat(k), reduction="none").view(k, n)
                 loss_sum[u.members] += per_sample.sum(1, dtype=torch.float64)
                 correct[u.members] += (logits.argmax(-1) == yc).sum(1)
-        all_reduce_sum(loss_sum)
-        all_reduce_sum(correct)
+        all_reduce_sum(loss_sum, self.group)
+        all_reduce_sum(correct, self.group)
         total = x.shape[0]
         return (loss_sum / total).cpu(), correct.cpu(), total
 
@@ -300,6 +328,4 @@ class Trainer:
         bad = torch.zeros_like(self.diverged)
         for v in values:
             bad |= ~torch.isfinite(v)
-        for i in torch.nonzero(bad & ~self.diverged).flatten().tolist():
-            self.diverged_epoch[i] = epoch
         self.diverged |= bad

@@ -12,15 +12,19 @@ import sys
 import time
 
 from . import cli
+from .config import ConfigError
 from .launch import MACHINE_OPTIONS, accelerate_command
+from .layout import SYNC_BN_DP1, choose_layout
 
 HELP = """\
 usage: ./launch.sh [--nproc N] [--cpu] [--num_machines M --machine_rank R --main_process_ip IP
                    --main_process_port P] [--out DIR] [RUN OPTIONS]
 
 The lab's benchmark: 5 seeds x {BN, no-BN} x 15 epochs on MNIST, then its report.
-  --nproc N     N processes per machine under `accelerate launch` (DDP; default one per visible
-                GPU, else 1)
+  --nproc N     N processes per machine under `accelerate launch` (default one per visible GPU,
+                else 1). All processes form seed groups x data-parallel groups: seed groups train
+                shares of the members apart, --dp N processes train a group's members together
+                (DDP). Default: as many seed groups as fit (8 processes: 8 seed groups x dp 1)
   --cpu         CPU processes (gloo), even when GPUs are visible
   --num_machines, --machine_rank, --main_process_ip, --main_process_port
                 several machines, as accelerate launch takes them
@@ -61,16 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     total = nproc * a.num_machines
     out = a.out or f"runs/lab-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     run_args = ["--out", out, "--report", *(["--cpu"] if cpu else []), *run_args]
-    if total == 1:
-        return cli.main(["run", *run_args])
     machine_args = [x for o in MACHINE_OPTIONS if getattr(a, o[2:]) is not None for x in (o, getattr(a, o[2:]))]
+    # What can be checked before any process starts is checked here, once: bad options exit
+    # through argparse, a layout or device count that cannot work in one line, exit status 2.
+    options = cli.build_parser().parse_args(["run", *run_args])
     try:
+        layout = choose_layout(cli.config_from_args(options), total)
+        if total == 1:
+            return cli.main(["run", *run_args])
         cmd, env = accelerate_command(total, run_args, a.num_machines, cpu, machine_args, gpus)
-    except ValueError as e:  # ConfigError
-        print(f"launch.sh: error: {e}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"bnbench: error: {e}", file=sys.stderr)
         return 2
-    print(f"launch.sh: {total} processes ({nproc} per machine x {a.num_machines}), "
+    print(f"launch.sh: {layout.line()}; {nproc} per machine x {a.num_machines} machine(s), "
           f"{'CPU, gloo' if cpu else 'GPU, nccl'}", file=sys.stderr)
+    if options.sync_bn and layout.dp == 1:
+        print(f"launch.sh: {SYNC_BN_DP1}", file=sys.stderr)
     proc = subprocess.Popen(cmd, env={**os.environ, **env})
     # Ctrl-C reaches the launcher through the terminal; a SIGTERM to us is passed on to it.
     signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))

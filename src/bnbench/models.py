@@ -15,6 +15,29 @@ from .distributed import sync_batch_norm
 ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # torch.nn.BatchNorm1d's defaults, as in the lab
+# Each member's share of a stacked parameter starts on a 64-byte boundary. torch's fused CPU
+# optimizers step a tensor in 64-byte units, vectorised with a scalar tail whose rounding
+# differs (contracted multiply-adds): unaligned, a member's update depends on how many members
+# share its tensor (measured: fused Adam on biases [2, 1, 10] vs [1, 1, 10] departs within
+# 60-480 steps). Aligned, it is bitwise the same in any stack, so seed groups of any size
+# reproduce one process. In the lab's net only the output bias (10) needs padding.
+ALIGN_BYTES = 64
+
+
+def _stacked_parameter(parts: list[torch.Tensor]) -> nn.Parameter:
+    """[K, n padded to ALIGN_BYTES] from K tensors of n elements each (padding zero; its gradient
+    is zero, so every optimizer leaves it zero)."""
+    n = parts[0].numel()
+    unit = max(1, ALIGN_BYTES // parts[0].element_size())
+    flat = torch.zeros(len(parts), -(-n // unit) * unit, dtype=parts[0].dtype)
+    flat[:, :n] = torch.stack([p.reshape(-1) for p in parts])
+    return nn.Parameter(flat)
+
+
+def _unpadded(p: torch.Tensor, n: int) -> torch.Tensor:
+    # Slicing only where there is padding: a slice's backward writes the gradient into a fresh
+    # zeroed tensor, two extra passes over every weight gradient (measured +10% per lab step).
+    return p if p.shape[1] == n else p[:, :n]
 
 
 def init_linears(seed: int, sizes: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -58,7 +81,8 @@ class StackedMLP(nn.Module):
     every member. Per-member BN is ONE F.batch_norm over K*C channels: the
     [K, B, C] activations viewed as [B, K*C], each (member, unit) a channel.
     Members share nothing: gradients, BN statistics and (elementwise) Adam
-    states of one member never touch another's.
+    states of one member never touch another's. Parameters are stored [K, padded n]
+    (ALIGN_BYTES); weight(i), bias(i) and bn_affine(i) are the views the layers use.
     """
 
     def __init__(
@@ -68,31 +92,34 @@ class StackedMLP(nn.Module):
         activation: str = "relu",
         sync_bn: bool = False,
         drop_bias: bool = False,
+        group=None,
     ):
         super().__init__()
         self.k = len(member_inits)
         self.bn = bn
         self.sync_bn = sync_bn  # training statistics over every process's batch (distributed.sync_batch_norm)
+        self.group = group  # ... of this data-parallel process group (None: the world)
         self.activation = activation
         self.act = ACTIVATION_FUNCTIONS[activation]
         n_layers = len(member_inits[0])
+        self.shapes = [tuple(member_inits[0][i][0].t().shape) for i in range(n_layers)]  # (in, out) per layer
         self.weights = nn.ParameterList(
-            nn.Parameter(torch.stack([m[i][0].t() for m in member_inits]).contiguous()) for i in range(n_layers)
+            _stacked_parameter([m[i][0].t() for m in member_inits]) for i in range(n_layers)
         )
         # drop_bias: hidden layers of a BN net have no Linear bias (see reference_mlp); biases[j] is
         # then the j-th layer that has one, and bias_index maps layer -> j (or None).
         has_bias = [not (bn and drop_bias and i < n_layers - 1) for i in range(n_layers)]
         self.bias_index = [sum(has_bias[:i]) if has_bias[i] else None for i in range(n_layers)]
         self.biases = nn.ParameterList(
-            nn.Parameter(torch.stack([m[i][1] for m in member_inits]).unsqueeze(1).contiguous())
-            for i in range(n_layers) if has_bias[i]
+            _stacked_parameter([m[i][1] for m in member_inits]) for i in range(n_layers) if has_bias[i]
         )
-        self.widths = [w.shape[2] for w in self.weights]
+        self.widths = [out for _, out in self.shapes]
         dtype = self.weights[0].dtype
         if bn:
             kc = [self.k * c for c in self.widths[:-1]]
-            self.bn_weight = nn.ParameterList(nn.Parameter(torch.ones(n, dtype=dtype)) for n in kc)
-            self.bn_bias = nn.ParameterList(nn.Parameter(torch.zeros(n, dtype=dtype)) for n in kc)
+            ones = [[torch.ones(c, dtype=dtype)] * self.k for c in self.widths[:-1]]
+            self.bn_weight = nn.ParameterList(_stacked_parameter(p) for p in ones)
+            self.bn_bias = nn.ParameterList(_stacked_parameter([torch.zeros_like(x) for x in p]) for p in ones)
             for i, n in enumerate(kc):
                 self.register_buffer(f"running_mean{i}", torch.zeros(n, dtype=dtype))
                 self.register_buffer(f"running_var{i}", torch.ones(n, dtype=dtype))
@@ -104,34 +131,46 @@ class StackedMLP(nn.Module):
         if self.training:
             getattr(self, f"num_batches_tracked{i}").add_(1)
         flat = h.transpose(0, 1).reshape(b, k * c)
+        weight, bias = self.bn_affine(i)
         if self.training and self.sync_bn:
             out = sync_batch_norm(
                 flat, getattr(self, f"running_mean{i}"), getattr(self, f"running_var{i}"),
-                self.bn_weight[i], self.bn_bias[i], BN_MOMENTUM, BN_EPS,
+                weight, bias, BN_MOMENTUM, BN_EPS, self.group,
             )
             return out.view(b, k, c).transpose(0, 1)
         out = F.batch_norm(
             flat,
             getattr(self, f"running_mean{i}"),
             getattr(self, f"running_var{i}"),
-            self.bn_weight[i],
-            self.bn_bias[i],
+            weight,
+            bias,
             training=self.training,
             momentum=BN_MOMENTUM,
             eps=BN_EPS,
         )
         return out.view(b, k, c).transpose(0, 1)
 
+    def weight(self, i: int) -> torch.Tensor:
+        """Layer i's weights [K, in, out] (a view of the padded storage)."""
+        fin, fout = self.shapes[i]
+        return _unpadded(self.weights[i], fin * fout).view(self.k, fin, fout)
+
     def bias(self, i: int) -> torch.Tensor | None:
+        """Layer i's biases [K, 1, out], or None (drop_bias)."""
         j = self.bias_index[i]
-        return None if j is None else self.biases[j]
+        return None if j is None else _unpadded(self.biases[j], self.widths[i]).view(self.k, 1, self.widths[i])
+
+    def bn_affine(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """BN layer i's scale and shift over K*C channels (a copy only where C needed padding)."""
+        c = self.widths[i]
+        return _unpadded(self.bn_weight[i], c).reshape(-1), _unpadded(self.bn_bias[i], c).reshape(-1)
 
     def forward(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
         """x: [K, B, in] (each member its own batch) or [B, in] (one batch for all). Returns [K, B, out].
         taps: a list that receives each hidden layer's input to the nonlinearity, [K, B, C]."""
         last = len(self.weights) - 1
-        for i, w in enumerate(self.weights):
-            b = self.bias(i)
+        for i in range(len(self.weights)):
+            w, b = self.weight(i), self.bias(i)
             if x.dim() == 2:
                 # Shared input (evaluation): one GEMM against all members' weights side by side.
                 n, fin = x.shape
@@ -155,15 +194,15 @@ class StackedMLP(nn.Module):
         views: dict[str, torch.Tensor] = {}
         idx, last = 0, len(self.weights) - 1
         for i in range(len(self.weights)):
-            views[f"{idx}.weight"] = self.weights[i][k].t()
+            views[f"{idx}.weight"] = self.weight(i)[k].t()
             if self.bias(i) is not None:
                 views[f"{idx}.bias"] = self.bias(i)[k, 0]
             idx += 1
             if i < last:
                 if self.bn:
                     sl = slice(k * self.widths[i], (k + 1) * self.widths[i])
-                    views[f"{idx}.weight"] = self.bn_weight[i][sl]
-                    views[f"{idx}.bias"] = self.bn_bias[i][sl]
+                    views[f"{idx}.weight"] = self.bn_weight[i][k, : self.widths[i]]
+                    views[f"{idx}.bias"] = self.bn_bias[i][k, : self.widths[i]]
                     views[f"{idx}.running_mean"] = getattr(self, f"running_mean{i}")[sl]
                     views[f"{idx}.running_var"] = getattr(self, f"running_var{i}")[sl]
                     views[f"{idx}.num_batches_tracked"] = getattr(self, f"num_batches_tracked{i}")  # shared by all k

@@ -119,18 +119,20 @@ def target_table(ttt: pd.DataFrame, target: float) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-THROUGHPUT_KEYS = ["device_name", "world_size", "engine", "sync_bn", "members", "batch_size"]
+THROUGHPUT_KEYS = ["device_name", "world_size", "dp", "engine", "sync_bn", "members", "batch_size"]
+LAYOUT_KEYS = ("world_size", "dp")  # where the processes go; the rest is the setting
 
 
 def throughput_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Member-samples/s per run (median over its epochs after the first: warm-up), then per setting:
-    median and range across runs (repeats), and scaling efficiency against one process."""
+    """Member-samples/s per run (median over its epochs after the first: warm-up), then per setting
+    and layout (world size, dp): median and range across runs (repeats), and scaling efficiency
+    of each layout against one process of the same setting."""
     keys = [k for k in THROUGHPUT_KEYS if k in df]
     later = df[df["epoch"] > 1] if (df["epoch"] > 1).any() else df
     runs = later.groupby(["run_id", *keys], dropna=False)["samples_per_s"].median().reset_index()
     table = runs.groupby(keys, dropna=False)["samples_per_s"].agg(["median", "min", "max", "count"]).reset_index()
     table = table.rename(columns={"median": "samples_per_s", "min": "min", "max": "max", "count": "runs"})
-    base_keys = [k for k in keys if k != "world_size"]
+    base_keys = [k for k in keys if k not in LAYOUT_KEYS]
     if "world_size" not in table or not base_keys:
         return table.assign(scaling_efficiency=float("nan"))
     # Throughput at W / (W x throughput at 1 of the same setting).
@@ -201,7 +203,7 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
 
     if len(throughput) and "world_size" in throughput:
         fig, ax = plt.subplots(figsize=(7, 4))
-        setting = [k for k in ("device_name", "engine", "sync_bn") if k in throughput]
+        setting = [k for k in ("device_name", "engine", "sync_bn", "dp") if k in throughput]
         shown = throughput.assign(setting=throughput[setting].astype(str).agg(" / ".join, axis=1))
         sns.pointplot(data=shown, x="world_size", y="samples_per_s", hue="setting", ax=ax, markers="o", linestyles="-")
         for r in shown.itertuples():
@@ -210,7 +212,8 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
         ax.set_ylabel("member-samples / s (median over runs; bar: range)")
         ax.set_title("Training throughput (evaluation excluded)")
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title=" / ".join(setting))
-        save_figure(fig, rep, "throughput", "member-samples per second by world size, device, engine and sync BN", figs)
+        save_figure(fig, rep, "throughput", "member-samples per second by world size, device, engine, sync BN "
+                    "and data-parallel size (dp; world size / dp seed groups)", figs)
 
     syncable = acc_final[~acc_final["diverged"]]
     if "sync_bn" in syncable and syncable["sync_bn"].nunique() > 1:
@@ -291,7 +294,9 @@ def _notes(df, final, out_dir: Path, problems: list[str], meta: dict) -> list[st
 def _environment(meta: dict, run_ids: set) -> pd.DataFrame:
     return pd.DataFrame([{
         "run_id": rid, "status": m.get("status", "?"), "device": f"{m.get('device', '?')} ({m.get('device_name', '')})",
-        "world": m.get("world_size", "?"), "torch": m.get("versions", {}).get("torch", "?"),
+        # The layout where the run recorded one: processes = seed groups x dp.
+        "world": (f"{m['world_size']} = {m['seed_groups']} x dp {m['dp']}" if "dp" in m else m.get("world_size", "?")),
+        "torch": m.get("versions", {}).get("torch", "?"),
         "git": str(m.get("git_commit", "?"))[:12], "host": m.get("hostname", "?"),
     } for rid, m in meta.items() if rid in run_ids])
 

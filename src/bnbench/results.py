@@ -46,15 +46,17 @@ SCHEMA: dict[str, str] = {
     "test_correct": "test samples classified correctly",
     "test_total": "test samples scored (all of them: 10,000 for MNIST)",
     "train_loss_running": "mean mini-batch loss during the epoch (train mode)",
-    "train_seconds": "wall time of the window's (epoch's) training steps, evaluation and instruments excluded (CUDA synchronised)",
+    "train_seconds": "wall time of the window's (epoch's) training steps, evaluation and instruments excluded (CUDA synchronised); the slowest seed group's",
     "samples_per_s": "member-samples per second in the window, all processes together: members x samples / train_seconds",
-    "peak_rss_mb": "peak resident memory of the (rank 0) process so far, MiB",
-    "peak_gpu_mb": "peak GPU memory allocated by torch so far, MiB (null on the CPU)",
-    "members": "members in the run (both variants, all seeds); every process trains all of them on its slice",
+    "peak_rss_mb": "peak resident memory of a process so far, the largest over the processes, MiB",
+    "peak_gpu_mb": "peak GPU memory allocated by torch so far, the largest over the processes, MiB (null on the CPU)",
+    "members": "members in the run (all variants and seeds, over every seed group)",
     "diverged": "true once the member's loss was NaN/inf; its metrics are then null",
     "device": "torch device the run trained on: cpu / cuda:N",
     "device_name": "CPU model or GPU name",
-    "world_size": "processes in the run (all machines)",
+    "world_size": "processes in the run (all machines) = seed_groups x dp",
+    "seed_groups": "groups of processes that train shares of the members apart, without communicating",
+    "seed_group": "the seed group that trained this member (0-based; its ranks are seed_group x dp ...)",
     "backend": "torch.distributed backend: gloo (CPU) / nccl (GPU) / none (one process)",
     "time": "UTC time the row was written (ISO 8601)",
     "bnbench_version": "package version",
@@ -194,7 +196,21 @@ def read_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
     if not path.exists():
         raise ResultsProblem(f"no {RESULTS_FILE} in {out_dir}")
     rows, problems = read_jsonl(path)
-    return pd.DataFrame(rows), problems
+    return with_layout(pd.DataFrame(rows)), problems
+
+
+def with_layout(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows written before seed groups existed were one data-parallel group of every process:
+    where a folder mixes them with newer rows, they get that layout's values instead of blanks
+    (which would split one configuration in two)."""
+    if "dp" not in df or "world_size" not in df:
+        return df
+    old = df["dp"].isna()
+    if old.any():
+        df = df.assign(dp=df["dp"].fillna(df["world_size"]).astype("int64"),
+                       seed_groups=df["seed_groups"].fillna(1).astype("int64"),
+                       seed_group=df["seed_group"].fillna(0).astype("int64"))
+    return df
 
 
 def rows_of_unit(out_dir: str | os.PathLike, unit_id: str) -> list[dict]:

@@ -17,10 +17,11 @@ import torch
 
 from .config import Config, row_values
 from .data import Splits
-from .distributed import check_world, make_accelerator
+from .distributed import Mesh, check_world, from_first, gather_to_first, make_accelerator, make_mesh
 from .engine import Trainer
 from .folder import INSTRUMENTS_FILE
 from .launch import launched_rank
+from .layout import SYNC_BN_DP1, choose_layout
 from .provenance import cpu_name, environment, utcnow
 from .record import RunRecord
 from .results import ResultsWriter
@@ -55,15 +56,22 @@ class Setup:
                                              dtype=getattr(torch, cfg.dtype))
         return self.loaded[key]
 
-    def trainer(self, cfg: Config, splits: Splits, accelerator, world_size: int) -> Trainer:
+    def trainer(self, cfg: Config, splits: Splits, accelerator, mesh: Mesh) -> Trainer:
         """Tests override this to inspect or perturb members before training."""
-        return Trainer(cfg, splits, accelerator, world_size=world_size)
+        return Trainer(cfg, splits, accelerator, mesh)
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_name()
+
+
+def device_label(device: torch.device) -> str:
+    """cpu / cuda:N: Accelerate's one-GPU device is `cuda` without an index, and rows say which GPU."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
 
 
 def new_run_id() -> str:
@@ -77,17 +85,20 @@ def static_fields(cfg: Config, run_id: str, trainer: Trainer, device: str, dev_n
     """The columns every row of a run shares: its settings (declared in config.py) and run facts."""
     from . import __version__
 
+    layout = trainer.mesh.layout
     return {
         "run_id": run_id,
-        "unit": cfg.unit_id(trainer.world_size, trainer.device.type, torch.__version__),
+        "unit": cfg.unit_id(layout.world, trainer.device.type, torch.__version__, layout.dp),
         **row_values(cfg),
         "batch_size": trainer.batch,  # resolved: the global and per-process batch whichever was given
         "per_device_batch": trainer.local_batch,
+        "dp": layout.dp,  # resolved: the layout's, whether given or chosen
         "device": device,
         "device_name": dev_name,
-        "world_size": trainer.world_size,
+        "world_size": layout.world,
+        "seed_groups": layout.seed_groups,
         "backend": trainer.backend,
-        "members": len(trainer.members),
+        "members": layout.members,
         "bnbench_version": __version__,
         "torch_version": torch.__version__,
         "git_commit": git,
@@ -104,7 +115,8 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def epoch_rows(trainer: Trainer, static: dict, epoch, running, seconds: float, train, test, steps: int) -> list[dict]:
-    """One row per member after a window of `steps` steps; a diverged member's metrics are None (null in JSON)."""
+    """One row per member of this process's seed group after a window of `steps` steps; a
+    diverged member's metrics are None (null in JSON). `run_rows` makes them the run's."""
     (train_loss, train_correct, train_total), (test_loss, test_correct, test_total) = train, test
     throughput = len(trainer.members) * steps * trainer.batch / seconds
     memory = peak_memory(trainer.device)
@@ -117,6 +129,7 @@ def epoch_rows(trainer: Trainer, static: dict, epoch, running, seconds: float, t
                 **static,
                 "variant": variant,
                 "seed": seed,
+                "seed_group": trainer.mesh.seed_group,
                 "epoch": epoch,
                 "step": trainer.steps_done,
                 "train_loss": float(train_loss[i]) if ok else None,
@@ -136,6 +149,22 @@ def epoch_rows(trainer: Trainer, static: dict, epoch, running, seconds: float, t
             }
         )
     return rows
+
+
+def run_rows(rows: list[dict], mesh: Mesh, steps: int, batch: int) -> list[dict] | None:
+    """Rank 0: the rows of every seed group in the run's member order, with the run's window
+    time (the slowest group's), throughput (every member) and peak memory (the largest);
+    other ranks: None. One seed group: its rows as they are, on every rank."""
+    groups = gather_to_first(rows, mesh)
+    if groups is None or len(groups) == 1:
+        return rows if mesh.rank == 0 or mesh.layout.seed_groups == 1 else None
+    rows = [r for g in groups for r in g]
+    seconds = max(r["train_seconds"] for r in rows)
+    run = {"train_seconds": seconds, "samples_per_s": len(rows) * steps * batch / seconds,
+           "peak_rss_mb": max(r["peak_rss_mb"] for r in rows)}
+    if rows[0]["peak_gpu_mb"] is not None:
+        run["peak_gpu_mb"] = max(r["peak_gpu_mb"] for r in rows)
+    return [{**r, **run} for r in rows]
 
 
 TABLE = ["epoch", "variant", "train_loss", "train_acc", "test_loss", "test_acc", "diverged", "train_s", "member-samples/s"]
@@ -179,18 +208,24 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
         # -- set up
         accelerator = setup.get_accelerator(cfg)
         world_size = check_world(accelerator)
+        layout = choose_layout(cfg, world_size)
+        mesh = make_mesh(layout, accelerator.process_index)
         # TF32 is opt-in: results stay comparable across GPUs and with the CPU.
         torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
         splits = setup.data(cfg, accelerator)
-        trainer = setup.trainer(cfg, splits, accelerator, world_size)
-        run_id = new_run_id()
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)  # peak_gpu_mb: this run's, not a sweep's earlier units'
+        trainer = setup.trainer(cfg, splits, accelerator, mesh)
+        run_id = from_first(new_run_id(), mesh)
         env = environment()
-        dev, dev_name = str(accelerator.device), device_name(accelerator.device)
+        dev, dev_name = device_label(accelerator.device), device_name(accelerator.device)
         static = static_fields(cfg, run_id, trainer, dev, dev_name, env["git_commit"])
         record = RunRecord(out_dir, run_id, main)
         record.update({
             "config": cfg.to_dict(), "unit": static["unit"], "status": "running", "started": utcnow(),
             "device": dev, "device_name": dev_name, "world_size": world_size, "backend": trainer.backend,
+            "dp": layout.dp, "seed_groups": layout.seed_groups, "members_per_group": layout.sizes(),
+            "layout": layout.line(),
             "processes_per_machine": int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
             "batch_size": trainer.batch, "per_device_batch": trainer.local_batch,
             "mixed_precision": str(accelerator.mixed_precision), "data_sources": splits.sources,
@@ -200,7 +235,7 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
         compile_seconds = trainer.warm_up()
         if cfg.compile:
             record.update({"compile_seconds": compile_seconds})
-        stops = cfg.eval_steps(world_size, int(splits.train_x.shape[0]))  # the evaluation points
+        stops = cfg.eval_steps(layout.dp, int(splits.train_x.shape[0]))  # the evaluation points
         display = Display(trainer, stops[-1] if stops else 0, show=main and not quiet)
         display.banner(run_id, dev, dev_name)
 
@@ -217,19 +252,20 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
             test = trainer.evaluate(splits.test_x, splits.test_y)
             trainer.mark_diverged(epoch, running, train[0], test[0])
             rows = epoch_rows(trainer, static, epoch, running, seconds, train, test, window)
+            rows = run_rows(rows, mesh, window, trainer.batch)  # every group's, at rank 0
             if main:
                 if trainer.instruments is not None:
                     # Before the window's results: a unit whose results are complete has all its measures.
                     writer.append(trainer.instruments.rows({k: static[k] for k in ("run_id", "unit", "repeat")}),
                                   INSTRUMENTS_FILE)
                 writer.append(rows)  # durable before the next window starts
-            if on_window is not None:
+            if on_window is not None and rows is not None:
                 on_window(epoch, rows)
             display.table(rows, header=point == 1)
         display.close()
 
         # -- how it ended
-        done = {"diverged_members": int(trainer.diverged.sum())}
+        done = {"diverged_members": sum(bool(r["diverged"]) for r in rows) if rows else 0}
         if trainer.instruments is not None:
             done["instrument_seconds"] = round(trainer.instruments.seconds, 3)
         record.finish("complete", **done)
@@ -252,6 +288,7 @@ class Display:
         from tqdm.auto import tqdm
 
         self.trainer, self.show, self.cfg = trainer, show, trainer.cfg
+        self.first_diverged: dict[tuple[str, int], object] = {}  # member -> epoch its rows first say diverged
         self.tick = max(1, trainer.steps_per_epoch() // 100)  # ~100 updates per epoch, not one per step
         self.bar = tqdm(total=total_steps, unit="step", leave=False, disable=None if show else True)
 
@@ -259,13 +296,16 @@ class Display:
         if not self.show:
             return
         t, cfg = self.trainer, self.cfg
-        where = f"{t.world_size} processes ({t.backend}), " if t.world_size > 1 else ""
+        layout = t.mesh.layout
+        where = f"{layout.line()}, {t.backend}, " if t.world_size > 1 else ""
         t.accelerator.print(
             f"bnbench run {run_id}: {len(cfg.seeds)} seeds x {','.join(cfg.variants)}, {cfg.epochs} epochs, "
             f"{cfg.dataset}, engine {cfg.engine}, batch {t.batch}"
-            f"{f' ({t.local_batch}/process)' if t.world_size > 1 else ''}"
-            f"{', sync BN' if t.sync_bn else ''}, {where}{dev} ({dev_name})"
+            f"{f' ({t.local_batch}/process)' if t.dp > 1 else ''}"
+            f"{', sync BN' if cfg.sync_bn else ''}, {where}{dev} ({dev_name})"
         )
+        if cfg.sync_bn and t.dp == 1:
+            t.accelerator.print(SYNC_BN_DP1)
 
     def training(self, epoch) -> None:
         self.bar.set_description(f"epoch {epoch:g}/{self.cfg.epochs}")
@@ -278,7 +318,10 @@ class Display:
         self.bar.update(stop - self.bar.n)
         self.bar.set_description(f"epoch {epoch:g}/{self.cfg.epochs} eval")
 
-    def table(self, rows: list[dict], header: bool) -> None:
+    def table(self, rows: list[dict] | None, header: bool) -> None:
+        for r in rows or ():
+            if r["diverged"]:
+                self.first_diverged.setdefault((r["variant"], r["seed"]), r["epoch"])
         if self.show:
             for line in table_lines(rows, header):
                 self.bar.write(line)  # above the bar, which stays at the bottom
@@ -287,7 +330,6 @@ class Display:
         self.bar.close()
 
     def diverged(self) -> None:
-        t = self.trainer
-        if self.show and t.diverged.any():
-            names = [f"{v}/seed{s} (epoch {t.diverged_epoch[i]})" for i, (v, s) in enumerate(t.members) if t.diverged[i]]
-            t.accelerator.print(f"warning: {len(names)} member(s) diverged: {', '.join(names)}")
+        if self.show and self.first_diverged:
+            names = [f"{v}/seed{s} (epoch {e:g})" for (v, s), e in self.first_diverged.items()]
+            self.trainer.accelerator.print(f"warning: {len(names)} member(s) diverged: {', '.join(names)}")

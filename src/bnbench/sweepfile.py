@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import Config, ConfigError, make_config, parse_seeds, sweep_kinds
+from .layout import choose_layout
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -48,7 +49,7 @@ class Unit:
     @property
     def expected_rows(self) -> int:
         c = self.config
-        return len(c.eval_steps(self.nproc)) * len(c.seeds) * len(c.variants)
+        return len(c.eval_steps(choose_layout(c, self.nproc).dp)) * len(c.seeds) * len(c.variants)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "id": self.id, "label": self.label, "nproc": self.nproc, "device": self.device,
@@ -232,11 +233,11 @@ def _settle(unit: Unit, base: Config | None, seeds: tuple, repeat: int, cuda_ava
     if unit.error is None:
         try:
             cfg = dataclasses.replace(base, seeds=seeds, repeat=repeat)
-            cfg.global_batch(unit.nproc)
+            layout = choose_layout(cfg, unit.nproc)  # the error a launch would give, now
             if unit.device == "cuda" and not cuda_available:
                 raise ConfigError("device cuda: no CUDA device is visible on this machine")
             unit.config = cfg
-            unit.id = cfg.unit_id(unit.nproc, unit.device, torch.__version__)
+            unit.id = cfg.unit_id(unit.nproc, unit.device, torch.__version__, layout.dp)
             return
         except ConfigError as e:
             unit.error = str(e)
