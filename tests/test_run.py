@@ -140,7 +140,32 @@ def _cli(*args, env=None, timeout=600):
         (["--optimizer", "sgd", "--momentum", "1.5"], "momentum must be in [0, 1)"),
     ],
 )
-def test_bad_input_clear_error(tmp_path, data_root, args, expect):
+def test_bad_input_clear_error(tmp_path, data_root, args, expect, capsys, monkeypatch):
+    """`bnbench run` in this process (cli.main, as the console script calls it): each case would
+    otherwise pay a torch import (~3.5 s, 80 s for the list); the two cases below run the real
+    console command."""
+    import signal
+
+    from bnbench import cli
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("BNBENCH_DATA_ROOT", str(data_root))
+    handler = signal.getsignal(signal.SIGTERM)  # cli.main installs its own
+    try:
+        rc = cli.main(["run", "--out", str(out), *args])
+    except SystemExit as e:  # argparse's errors
+        rc = e.code
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert expect in err and "Traceback" not in err, err
+    assert not (out / "results.jsonl").exists() or (out / "results.jsonl").stat().st_size == 0
+
+
+@pytest.mark.parametrize("args, expect", [(["--seeds", "3-1"], "runs backwards"),
+                                          (["--batch-size", "70000"], "exceeds the 60000 training samples")])
+def test_bad_input_clear_error_from_the_console_command(tmp_path, data_root, args, expect):
     out = tmp_path / "out"
     p = _cli("run", "--out", str(out), *args, env={"BNBENCH_DATA_ROOT": str(data_root)}, timeout=180)
     assert p.returncode == 2, p.stdout + p.stderr

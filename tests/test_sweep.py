@@ -565,7 +565,9 @@ nproc = [2]
 
 
 def test_sigkill_at_random_moments_then_resume_equals_one_clean_run(tmp_path):
-    """SIGKILL the sweep at >= 20 random moments, resuming each time: the rows equal one clean run's."""
+    """SIGKILL the sweep at >= 12 random moments, resuming each time: the rows equal one clean run's.
+    (12, not 20: each attempt pays a torch import and a data load, ~12 s on 2 cores; 20 kills took
+    270 s of a suite meant to stay near 10 minutes.)"""
     path = write(tmp_path, """
 [sweep]
 seeds_per_unit = 1
@@ -592,9 +594,9 @@ lr = [1e-3, 1e-2, 3e-2]
     finished = []
     rng = random.Random(20261126)
     kills = attempts = 0
-    while kills < 20:
+    while kills < 12:
         attempts += 1
-        assert attempts < 60, f"only {kills} kills landed in {attempts} attempts"
+        assert attempts < 40, f"only {kills} kills landed in {attempts} attempts"
         left = 6 - (len(read_results(out)[0]) // 4 if (out / "results.jsonl").exists() else 0)
         plan_time = (out / "plan.json").stat().st_mtime if (out / "plan.json").exists() else 0
         proc = sweep_cli("sweep", path, "--out", out, "--quiet", tmp=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
