@@ -46,14 +46,6 @@ class Layout:
     def dp_rank(self, rank: int) -> int:
         return rank % self.dp
 
-    def group_of_member(self, index: int) -> int:
-        sizes, end = self.sizes(), 0
-        for g, n in enumerate(sizes):
-            end += n
-            if index < end:
-                return g
-        raise IndexError(index)
-
     def line(self) -> str:
         """What a person reads: `8 processes: 8 seed groups x dp 1 (members per group 2,2,1,1,1,1,1,1)`."""
         procs = f"{self.world} process{'es' if self.world > 1 else ''}"

@@ -157,7 +157,7 @@ def run_rows(rows: list[dict], mesh: Mesh, steps: int, batch: int) -> list[dict]
     other ranks: None. One seed group: its rows as they are, on every rank."""
     groups = gather_to_first(rows, mesh)
     if groups is None or len(groups) == 1:
-        return rows if mesh.rank == 0 or mesh.layout.seed_groups == 1 else None
+        return None if groups is None else rows
     rows = [r for g in groups for r in g]
     seconds = max(r["train_seconds"] for r in rows)
     run = {"train_seconds": seconds, "samples_per_s": len(rows) * steps * batch / seconds,
