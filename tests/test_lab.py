@@ -1,4 +1,9 @@
-"""The main job reproduces the lab: the default benchmark, full MNIST, 5 seeds x 15 epochs (~2 min on 2 cores)."""
+"""The main job reproduces the lab: the default benchmark's settings, full MNIST, 15 epochs, for two of its five seeds.
+
+A member trains bitwise the same in a stack of any size (models.ALIGN_BYTES; test_distributed proves it
+with seed groups), so two seeds check the committed run member for member at 2/5 of its cost (~50 s on
+2 cores instead of ~2 min for all five).
+"""
 from __future__ import annotations
 
 import json
@@ -16,18 +21,22 @@ from bnbench.run import training_function
 from conftest import REPO, make_setup
 
 
+SEEDS = (0, 1)
+
+
 @pytest.mark.slow
 def test_default_benchmark_reproduces_the_lab(tmp_path, data_root, accelerator):
-    cfg = make_config()  # preset "seed": what ./launch.sh runs
-    assert (cfg.hidden, cfg.lr, cfg.batch_size, cfg.epochs, len(cfg.seeds)) == ((32, 32), 1e-3, 100, 15, 5)
+    lab_cfg = make_config()  # preset "seed": what ./launch.sh runs
+    assert (lab_cfg.hidden, lab_cfg.lr, lab_cfg.batch_size, lab_cfg.epochs, lab_cfg.seeds) == ((32, 32), 1e-3, 100, 15, (0, 1, 2, 3, 4))
+    cfg = make_config(seeds=SEEDS)
     training_function(cfg, tmp_path, make_setup(accelerator, data_root=data_root), quiet=True)
     df, problems = read_results(tmp_path)
-    assert problems == [] and len(df) == 2 * 5 * 15
+    assert problems == [] and len(df) == 2 * len(SEEDS) * 15
     final = final_rows(df)
     assert (final["epoch"] == 15).all() and (final["test_total"] == 10000).all()
     acc = final.pivot(index="seed", columns="variant", values="test_acc")
     summary = acc.describe().loc[["mean", "min", "max"]].round(4).to_dict()
-    # The lab's single run: 0.9728 with BN, 0.9644 without.
+    # The lab notebook printed 0.97 with BN and 0.95 without at epoch 4, the last it shows.
     assert acc["bn"].mean() >= 0.970, summary
     assert acc["nobn"].mean() >= 0.955, summary
     assert (acc["bn"] > acc["nobn"]).all(), f"BN not ahead on every seed: {acc.to_dict()}"
@@ -40,11 +49,13 @@ def test_default_benchmark_reproduces_the_lab(tmp_path, data_root, accelerator):
     same_env = meta["cpu"] == environment()["cpu"] and meta["versions"]["torch"] == torch.__version__
     keys, cols = ["variant", "seed", "epoch"], ["train_loss", "train_acc", "test_loss", "test_acc", "train_loss_running"]
     old = pd.read_json(committed / "results.jsonl", lines=True, precise_float=True).sort_values(keys)[keys + cols]
+    assert sorted(set(old["seed"])) == list(lab_cfg.seeds)  # the committed run is the whole lab
+    old = old[old["seed"].isin(SEEDS)]
     new = df.sort_values(keys)[keys + cols]
     old, new = old.reset_index(drop=True), new.reset_index(drop=True)
 
     # On any machine: the same members (variant, seed), each with the same epochs, as the lab.
-    assert sorted(set(old["seed"])) == sorted(set(new["seed"])) == list(cfg.seeds)
+    assert sorted(set(old["seed"])) == sorted(set(new["seed"])) == list(SEEDS)
     assert old[keys].values.tolist() == new[keys].values.tolist(), "not the lab's members and epochs"
     # On any machine, every member's final test accuracy within TOLERANCE of the lab's same member.
     # Another CPU model or torch build rounds the float sums differently; over 9,000 steps the last

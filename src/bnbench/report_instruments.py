@@ -29,32 +29,47 @@ def inside_section(out_dir: Path, df: pd.DataFrame, rep: Path, target: float):
     inst = inst.merge(labels, on="run_id")
     inst = inst[inst["value"].notna()]
     figs, text, summary = [], [], []
-    for i, (cfg, g) in enumerate(sorted(inst.groupby("config"), key=lambda kv: kv[0]), start=1):
-        runs = df[(df["config"] == cfg) & ~df["diverged"]]
-        # Test accuracy against steps, mean and t-interval over seeds: for Figure 1(a) and the paragraph.
-        acc = (curve_bands(runs, ["test_acc"], x="step") if len(runs)
-               else pd.DataFrame(columns=["variant", "step", "mean", "half"]))
-        stem = f"inside{i}" if inst["config"].nunique() > 1 else "inside"
+    configs = by_config(inst, df)
+    for i, (cfg, g, runs, acc) in enumerate(configs, start=1):
+        stem = f"inside{i}" if len(configs) > 1 else "inside"
         _figure1(g, acc, cfg, rep, stem, figs)
         _heatmap(g, cfg, rep, stem, figs)
         _ics(g, cfg, rep, stem, figs)
-        numbers = _numbers(g, acc, target)
-        summary += [{"config": cfg, "variant": v, **n} for v, n in numbers.items()]
-        text.append(_paragraph(cfg, numbers, target))
+        n = numbers(g, runs, acc, target)
+        summary += [{"config": cfg, "variant": v, **vals} for v, vals in n.items()]
+        text.append(paragraph(cfg, n, target))
     pd.DataFrame(summary).to_csv(rep / "instruments_summary.csv", index=False)
     return figs, text, problems
 
 
+def by_config(inst: pd.DataFrame, df: pd.DataFrame) -> list[tuple]:
+    """(config, its instrument rows, its live result rows, test accuracy against steps as mean and
+    t-interval over seeds) per configuration; `inst` already carries each row's config."""
+    out = []
+    for cfg, g in sorted(inst.groupby("config"), key=lambda kv: kv[0]):
+        runs = df[(df["config"] == cfg) & ~df["diverged"]]
+        acc = (curve_bands(runs, ["test_acc"], x="step") if len(runs)
+               else pd.DataFrame(columns=["variant", "step", "mean", "half"]))
+        out.append((cfg, g, runs, acc))
+    return out
+
+
 # -- numbers -------------------------------------------------------------------------------------
-def _numbers(g: pd.DataFrame, acc: pd.DataFrame, target: float) -> dict[str, dict]:
-    """Per variant, the figures the paragraph quotes."""
+def numbers(g: pd.DataFrame, runs: pd.DataFrame, acc: pd.DataFrame, target: float) -> dict[str, dict]:
+    """Per variant, the figures the paragraph quotes; each name says what it summarises over."""
     out = {}
     for v in [v for v in ("nobn", "bn") if v in set(g["variant"])]:
         mine, a = g[g["variant"] == v], acc[acc["variant"] == v].sort_values("step")
         n = {"seeds": int(mine["seed"].nunique()), "last_step": int(a["step"].max()) if len(a) else None,
              "final_test_acc": float(a["mean"].iloc[-1]) if len(a) else float("nan")}
         hit = a[a["mean"] >= target]
-        n["step_to_target"] = int(hit["step"].iloc[0]) if len(hit) else None
+        n["step_to_target"] = int(hit["step"].iloc[0]) if len(hit) else None  # of the mean curve
+        # The same, member by member: a mean curve can stay below a target that most seeds pass.
+        own = runs[runs["variant"] == v]
+        first = own[own["test_acc"].astype(float) >= target].groupby("seed")["step"].min()
+        n["members"], n["members_reaching"] = int(own["seed"].nunique()), int(len(first))
+        n["member_step_min"] = int(first.min()) if len(first) else None
+        n["member_step_max"] = int(first.max()) if len(first) else None
         pre = mine[mine["measure"] == "preact"].pivot_table(index=["seed", "neuron", "step"], columns="q", values="value")
         if len(pre):
             med = pre[0.5].groupby(level=["seed", "neuron"])
@@ -85,7 +100,7 @@ def _numbers(g: pd.DataFrame, acc: pd.DataFrame, target: float) -> dict[str, dic
     return out
 
 
-def _paragraph(cfg: str, n: dict[str, dict], target: float) -> str:
+def paragraph(cfg: str, n: dict[str, dict], target: float) -> str:
     """What the figures show, sentence by sentence, each with its numbers (both variants needed)."""
     if not {"bn", "nobn"} <= set(n):
         have = ", ".join(LABELS[v] for v in n)
@@ -96,36 +111,46 @@ def _paragraph(cfg: str, n: dict[str, dict], target: float) -> str:
         return lower if x < y else higher if x > y else "the same as"
 
     def at(step):
-        return f"step {step:,}" if step is not None else "not reached"
+        return f"first at step {step:,}" if step is not None else "at no evaluation"
+
+    def members(m):
+        if not m["members_reaching"]:
+            return f"0 of {m['members']}"
+        lo, hi = m["member_step_min"], m["member_step_max"]
+        steps = f"step {lo:,}" if lo == hi else f"steps {lo:,}-{hi:,}"
+        return f"{m['members_reaching']} of {m['members']} ({steps})"
 
     parts = [f"{cfg} ({b['seeds']} seeds)."]
     if b.get("last_step"):
         parts.append(
             f"After {b['last_step']:,} steps, mean test accuracy is {b['final_test_acc']:.2%} with BN and "
-            f"{o['final_test_acc']:.2%} without; the first evaluation at {target:.0%} or more: {at(b['step_to_target'])} "
-            f"with BN, {at(o['step_to_target'])} without (Figure 1a).")
+            f"{o['final_test_acc']:.2%} without. The mean curve over seeds reaches {target:.0%} "
+            f"{at(b['step_to_target'])} with BN and {at(o['step_to_target'])} without (Figure 1a); members that reach it "
+            f"at some evaluation: {members(b)} with BN, {members(o)} without.")
     if "median_range" in b and "median_range" in o:
         parts.append(
             f"The median input to the traced sigmoids of the last hidden layer moves over a range of "
             f"{o['median_range']:.2f} during training without BN and {b['median_range']:.2f} with BN "
             f"({cmp(b['median_range'], o['median_range'], 'less', 'more')} drift with BN); at the end its 15-85th "
             f"percentile spread is {o['final_spread_15_85']:.2f} without and {b['final_spread_15_85']:.2f} with BN "
-            f"(Figure 1b, c).")
+            f"(both: mean over seeds and traced units; Figure 1b, c).")
     if "grad_ratio_first_to_last" in b and "grad_ratio_first_to_last" in o:
         parts.append(
             f"The first layer's gradient norm is {o['grad_ratio_first_to_last']:.3g} times the output layer's without "
-            f"BN and {b['grad_ratio_first_to_last']:.3g} times with BN (median over records; heatmap).")
+            f"BN and {b['grad_ratio_first_to_last']:.3g} times with BN (median over seeds and recorded steps; heatmap).")
     if "ics_cosine_median" in b and "ics_cosine_median" in o:
         parts.append(
             f"Internal covariate shift as Santurkar et al. define it: updating the layers below changes a layer's "
             f"gradient by a median {o['ics_distance_median']:.3g} (l2) without BN and {b['ics_distance_median']:.3g} "
             f"with BN, a median cosine of {o['ics_cosine_median']:.4f} without and {b['ics_cosine_median']:.4f} "
-            f"with BN ({cmp(b['ics_cosine_median'], o['ics_cosine_median'], 'less', 'more')} aligned with BN).")
+            f"with BN ({cmp(b['ics_cosine_median'], o['ics_cosine_median'], 'less', 'more')} aligned with BN; medians "
+            f"over seeds, recorded steps and layers 2 to L).")
     if "grad_change_median" in b and "grad_change_median" in o:
         parts.append(
             f"A step of eta={b['grad_change_eta']:g} along the gradient changes the gradient by a median "
             f"{o['grad_change_median']:.3g} without BN and {b['grad_change_median']:.3g} with BN: the gradient is "
-            f"{cmp(b['grad_change_median'], o['grad_change_median'], 'more', 'less')} predictive with BN in absolute terms.")
+            f"{cmp(b['grad_change_median'], o['grad_change_median'], 'more', 'less')} predictive with BN in absolute terms "
+            f"(medians over seeds and recorded steps, as below).")
     if "beta_smoothness_median" in b and "beta_smoothness_median" in o:
         parts.append(
             f"Relative to the step it takes, ||change|| / ||eta g|| (their effective beta-smoothness, max over eta), "

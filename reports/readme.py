@@ -1,0 +1,418 @@
+"""The README's figures, computed from the committed files under reports/ (and the lab notebook).
+
+Every figure the README states about a committed result sits in a block
+
+    <!-- figures: NAME (reports/readme.py) -->
+    ...the text BLOCKS[NAME]() renders...
+    <!-- /figures -->
+
+`python reports/readme.py` rewrites the blocks from the files; `--check` exits 1 naming each block
+that differs, and tests/test_readme.py runs the check, so a figure cannot drift from its data.
+Each block states how its summaries are taken (mean or median, over what). Figures outside the
+blocks are bounds the tests assert, or one-off measurements that say their date and command.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bnbench.report import config_label
+from bnbench.report_instruments import by_config, numbers, paragraph
+from bnbench.results import read_instruments, read_results
+from bnbench.stats import describe_p, paired_test, time_to_target
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+README = REPO / "README.md"
+NOTEBOOK = REPO.parent / "shared" / "reference" / "lab-9-4-batchnorm-notebook.txt"
+BENCH = HERE / "bench" / "Linux-CPython-3.11-64bit"
+STEP_BENCH = BENCH / "0001_5eac93de30322c4f2d8995277f70fef8ea4d6991_20261126_110113_uncommitted-changes.json"
+REPORT_BENCH = BENCH / "0002_74a23a02daea622544872f755df48729f15b0d9a_20261126_124234_uncommitted-changes.json"
+INSTRUMENT_BENCH = BENCH / "0003_instruments.json"
+TARGET = 0.97
+BLOCK = re.compile(r"<!-- figures: (\S+) \(reports/readme\.py\) -->\n(.*?)<!-- /figures -->", re.S)
+
+
+# -- reading the committed files -----------------------------------------------------------------
+def rows(name: str) -> pd.DataFrame:
+    df, problems = read_results(HERE / name)
+    if problems:
+        raise SystemExit(f"reports/{name}: {problems}")
+    return df
+
+
+def final(df: pd.DataFrame) -> pd.DataFrame:
+    """Each member's last row: seed x variant -> test accuracy (the folders hold one run per config)."""
+    last = df.sort_values("step").groupby(["lr", "variant", "seed"], as_index=False).tail(1)
+    return last
+
+
+def meta_runs(name: str) -> list[dict]:
+    return list(json.loads((HERE / name / "meta.json").read_text())["runs"].values())
+
+
+def bench(path: Path) -> dict:
+    """name -> (median seconds, extra_info) of one committed pytest-benchmark file."""
+    data = json.loads(path.read_text())
+    return {b["name"]: (b["stats"]["median"], b["extra_info"]) for b in data["benchmarks"]}
+
+
+def bench_date(path: Path) -> str:
+    return json.loads(path.read_text())["datetime"][:10]
+
+
+def pp(x: float) -> str:
+    return f"{x * 100:.2f} pp"
+
+
+def verdict(df: pd.DataFrame) -> tuple[str, dict]:
+    f = final(df).pivot(index="seed", columns="variant", values="test_acc")
+    t = paired_test(f["bn"], f["nobn"])
+    text = (f"BN raises final test accuracy by {pp(t['mean_diff'])} [95% bootstrap CI {t['ci_low'] * 100:+.2f}, "
+            f"{t['ci_high'] * 100:+.2f}], {describe_p(t['p_t'])} (paired t-test")
+    return text, t
+
+
+def train_seconds(df: pd.DataFrame) -> float:
+    """A run's training time: its windows' train_seconds (the run's clock), counted once per window."""
+    return float(df.drop_duplicates(["run_id", "step"])["train_seconds"].sum())
+
+
+# -- the blocks ----------------------------------------------------------------------------------
+def lab() -> str:
+    df = rows("lab")
+    f = final(df).pivot(index="seed", columns="variant", values="test_acc")
+    lines = ["| variant | final test accuracy, mean ± std over 5 seeds | min | max |", "|---|---|---|---|"]
+    for v, label in (("bn", "with BN"), ("nobn", "without BN")):
+        a = f[v]
+        lines.append(f"| {label} | {a.mean():.4f} ± {a.std(ddof=1):.4f} | {a.min():.4f} | {a.max():.4f} |")
+    text, t = verdict(df)
+    n = t["n"]
+    smallest = 2 / 2 ** n
+    wil = ("the smallest a two-sided signed-rank test can give with {} seeds".format(n)
+           if np.isclose(t["p_wilcoxon"], smallest) else "")
+    note = f"; {wil}" if wil else ""
+    nb = notebook_last_epoch()
+    lines += ["", f"{text}; Wilcoxon {describe_p(t['p_wilcoxon'])}{note}), and is ahead on {t['ahead']} of {n} "
+              f"paired seeds. The notebook's own printout stops at epoch {nb['epoch']} with two digits: validation "
+              f"accuracy {nb['bn']} with BN and {nb['nobn']} without (bnbench after epoch {nb['epoch']}, mean over seeds: "
+              f"{epoch_mean(df, nb['epoch'], 'bn'):.4f} and {epoch_mean(df, nb['epoch'], 'nobn'):.4f})."]
+    return "\n".join(lines)
+
+
+def epoch_mean(df: pd.DataFrame, epoch: int, variant: str) -> float:
+    return float(df[(df["epoch"] == epoch) & (df["variant"] == variant)]["test_acc"].mean())
+
+
+def notebook_last_epoch() -> dict:
+    """The last VALID line the lab notebook printed (its output is cut after that)."""
+    found = re.findall(r"\[Epoch (\d+)-VALID\].*?bn_acc:([\d.]+)\).*?nn_acc:([\d.]+)\)", NOTEBOOK.read_text())
+    epoch, bn, nobn = found[-1]
+    return {"epoch": int(epoch), "bn": bn, "nobn": nobn}
+
+
+def lab_time() -> str:
+    run = meta_runs("lab")[0]
+    wall = (pd.Timestamp(run["finished"]) - pd.Timestamp(run["started"])).total_seconds()
+    df = rows("lab")
+    return (f"The committed run (`reports/lab/meta.json`, {run['started'][:10]}) took {wall:.0f} s from start to "
+            f"finish, {train_seconds(df):.0f} s of it training, on this 2-core VM; `./launch.sh` adds Python and torch "
+            f"start-up and the report.")
+
+
+def report_example() -> str:
+    text, t = verdict(rows("lab"))
+    return (f'Example: "{text}; Wilcoxon {describe_p(t["p_wilcoxon"])}), {t["n"]} paired seeds" '
+            f"(`reports/lab`).")
+
+
+def report_bench() -> str:
+    sec, _ = bench(REPORT_BENCH)["test_report_1000_rows"]
+    return (f"`bench/test_report.py` times a 1,000-row report (4 configurations × 2 variants × 5 seeds × 25 epochs): "
+            f"{sec:.1f} s median on this 2-core VM ({bench_date(REPORT_BENCH)}, `./launch.sh bench -k report`, "
+            f"`reports/bench/…0002…json`), most of it drawing and saving the figures as PNG and SVG.")
+
+
+def lr_scan() -> str:
+    df = rows("lr_scan")
+    f = final(df)
+    steps = int(f["step"].max())
+    mean = f.groupby(["variant", "lr"])["test_acc"].mean().unstack("lr")
+    correct = f.groupby(["variant", "lr"])["test_correct"].sum().unstack("lr")
+    total = int(f.groupby(["variant", "lr"])["test_total"].sum().iloc[0])
+    seeds = int(f["seed"].nunique())
+    lrs = list(mean.columns)
+    nobn = mean.loc["nobn"]
+    best = nobn.idxmax()
+    second = nobn.drop(best).idxmax()
+    gap = int(correct.loc["nobn", best] - correct.loc["nobn", second])
+    per_seed = f[(f["variant"] == "nobn") & (f["lr"] == best)]["test_correct"]
+    seed_gap = int(per_seed.max() - per_seed.min())
+    # Exact means (correct / total over the seeds), every digit shown: 4 digits would round halfway values.
+    digits = int(np.ceil(np.log10(total)))
+    exact = lambda v, lr: f"{correct.loc[v, lr] / total:.{digits}f}"
+    cell = lambda v, lr: f"**{exact(v, lr)}**" if v == "nobn" and lr in (best, second) else exact(v, lr)
+    lines = [
+        "| lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+        f"| without BN, test accuracy after {steps:,} steps ({seeds} seeds: correct / {total:,}) | "
+        + " | ".join(cell("nobn", lr) for lr in lrs) + " |",
+        "| with BN | " + " | ".join(cell("bn", lr) for lr in lrs) + " |",
+        "",
+        f"For the no-BN net, lr {best:g} and {second:g} tie: {gap} test image{'s' if gap != 1 else ''} of "
+        f"{total:,} ({seeds} seeds × {total // seeds:,}) apart, while the {seeds} seeds at lr {best:g} alone differ by {seed_gap} images. bnbench takes "
+        f"{min(best, second):g}, the lower of the two.",
+    ]
+    return "\n".join(lines)
+
+
+def inside(name: str):
+    """(rows, instrument rows, the report's numbers) of a one-configuration instrumented folder."""
+    df = rows(name)
+    df = df.assign(config=config_label(df))
+    inst, problems = read_instruments(HERE / name)
+    if problems:
+        raise SystemExit(f"reports/{name}: {problems}")
+    inst = inst[inst["value"].notna()].assign(config=df["config"].iloc[0])
+    (cfg, g, runs, acc), = by_config(inst, df)
+    return df, g, numbers(g, runs, acc, TARGET)
+
+
+def quoted_paragraph(name: str) -> str:
+    """The report's paragraph, recomputed by the report's own function from the folder's files."""
+    df, g, n = inside(name)
+    return "> " + paragraph(df["config"].iloc[0], n, TARGET)
+
+
+def ioffe_paragraph() -> str:
+    return quoted_paragraph("ioffe2015")
+
+
+def deep_paragraph() -> str:
+    return quoted_paragraph("deep")
+
+
+def ioffe_findings() -> str:
+    df, g, n = inside("ioffe2015")
+    b, o = n["bn"], n["nobn"]
+    text, t = verdict(df)
+    med = time_to_target(df, TARGET).groupby("variant")["epochs"].median()  # epochs are 1,000 steps
+    return "\n".join([
+        f"- **Accuracy and speed: the paper's Figure 1(a), reproduced.** {text}), and is ahead on {t['ahead']} of "
+        f"{t['n']} seeds ({b['final_test_acc']:.2%} against {o['final_test_acc']:.2%}, means over seeds). The mean "
+        f"curve over seeds first reaches {TARGET:.0%} at step {b['step_to_target']:,} with BN and {o['step_to_target']:,} "
+        f"without; member by member, after a median of {med['bn']:g} epochs with BN and {med['nobn']:g} without "
+        f"(epochs of 1,000 steps, evaluated every {int(df['step'].min()):,}; the report's time-to-target table).",
+        f"- **The input distribution: Figure 1(b, c), reproduced.** Without BN, the median input to the traced "
+        f"sigmoids moves over a range of {o['median_range']:.2f} during training (mean over seeds and traced units), and "
+        f"its 15-85th percentile band widens and shifts. With BN it moves over {b['median_range']:.2f} and stays put "
+        f"after the first few thousand steps.",
+        f"- **Internal covariate shift as Santurkar et al. measure it is *not* smaller with BN.** The gradient change "
+        f"caused by the updates of the layers below has a median of {b['ics_distance_median']:.3g} with BN against "
+        f"{o['ics_distance_median']:.2g} without, and a median cosine of {b['ics_cosine_median']:.2f} against "
+        f"{o['ics_cosine_median']:.2f} (over seeds, recorded steps and layers). This is their finding too: BN's benefit "
+        f"does not come from reducing this kind of shift.",
+        f"- **Gradient predictiveness goes the other way from theirs here.** A step along the gradient changes the BN "
+        f"net's gradient more, both absolutely and relative to the step: effective β-smoothness "
+        f"{b['beta_smoothness_median']:.2f} with BN against {o['beta_smoothness_median']:.2f} without (medians over "
+        f"seeds and recorded steps).",
+    ])
+
+
+def deep_findings() -> str:
+    df, g, n = inside("deep")
+    b, o = n["bn"], n["nobn"]
+    f = final(df)
+    nob = f[f["variant"] == "nobn"]["test_acc"]
+    gn = g[(g["measure"] == "grad_norm") & (g["variant"] == "nobn")].groupby("layer")["value"].median()
+    top, first = int(gn.index.max()), int(gn.index.min())
+    per_layer = np.log10(gn[top - 1] / gn[first]) / (top - 1 - first)
+    return (
+        f"Without BN, ten sigmoid layers do not train at all under this SGD: test accuracy stays at chance "
+        f"({nob.mean():.2%} after {int(f['step'].max()):,} steps, mean over seeds; {nob.min():.2%} to {nob.max():.2%} "
+        f"over the seeds) while the BN net reaches {b['final_test_acc']:.2%}: {b['members_reaching']} of "
+        f"{b['members']} BN seeds pass {TARGET:.0%} at some evaluation (steps {b['member_step_min']:,}-"
+        f"{b['member_step_max']:,}), though the mean curve over seeds never does. The heatmap shows why. Each "
+        f"sigmoid layer passes back at most a quarter of the gradient (σ′ ≤ 1/4), so the no-BN gradient shrinks by "
+        f"about 10^{per_layer:.1f} per layer on the way down (median norms over seeds and recorded steps: "
+        f"{gn[top]:.1e} at the output layer, {gn[top - 1]:.1e} at layer {top - 1}, {gn[first]:.1e} at layer {first}): "
+        f"the first layer's gradient norm is {o['grad_ratio_first_to_last']:.2g} times the output layer's (median over "
+        f"seeds and recorded steps). With BN it is {b['grad_ratio_first_to_last']:.2g} times. The last hidden layer of "
+        f"the no-BN net ends with a 15-85th percentile spread of {o['final_spread_15_85']:.2f} on the probe batch: "
+        f"every image gives it the same input, so nothing reaches the classifier.")
+
+
+def instrument_cost() -> str:
+    b = bench(INSTRUMENT_BENCH)
+    off, on, every = (b[f"test_instrument_overhead[{k}]"] for k in ("off", "on", "every-step"))
+    steps_off, steps_every = off[1]["steps_per_round"], every[1]["steps_per_round"]
+    every_ratio = (every[0] / steps_every) / (off[0] / steps_off)
+    parts = []
+    for name, cadence in (("ioffe2015", "every 500 and 1,000 steps"), ("deep", "the defaults, 100 and 1,000")):
+        inst = meta_runs(name)[0]["instrument_seconds"]
+        train = train_seconds(rows(name))
+        parts.append(f"{inst:.1f} s against {train:.0f} s of training for `{name}` ({inst / train:.1%}; {cadence})")
+    return (
+        f"Cost (`./launch.sh bench -k instruments`, the ioffe2015 net, 5 seeds × 2 variants): per {steps_off} steps, "
+        f"median of 3 rounds ({bench_date(INSTRUMENT_BENCH)}, `reports/bench/…0003_instruments.json`): {off[0]:.2f} s with "
+        f"instruments off, {on[0]:.2f} s ({on[0] / off[0] - 1:+.0%}) with gradient norms and percentiles every 20 steps and "
+        f"the Santurkar et al. measures once. That is 5 times the default rate of the latter, so the figure is an upper "
+        f"bound. Measuring everything at every step costs {every_ratio:.1f} times a plain step. In the committed runs, "
+        f"`instrument_seconds` is {parts[0]} and {parts[1]}.")
+
+
+def perf_table() -> str:
+    b = bench(STEP_BENCH)
+    rate = lambda k: b[k][1]["member_samples_per_s"]
+    lab_r, d, s32 = rate("test_lab_loop_epoch"), rate("test_train_epoch[default]"), rate("test_train_epoch[32seeds]")
+    bare, loop = rate("test_bare_step_loop"), rate("test_run_loop")
+    wall = b["test_run_loop"][1]["wall_member_samples_per_s"]
+    ev, ep = b["test_full_evaluation[default]"][0], b["test_train_epoch[default]"][0]
+    gflops = b["test_matmul_rate"][1]["gflop_per_s"]
+    flop = 2 * 3 * (784 * 32 + 32 * 32 + 32 * 10)
+    limit = gflops * 1e9 / flop
+    ms = lambda k: b[k][0] * 1e3
+    return "\n".join([
+        f"Its closing table, from `reports/bench/…0001…json` (this 2-core AMD EPYC VM, torch 2.14.1, "
+        f"{bench_date(STEP_BENCH)}; this VM's 2048² matmul ran at {gflops:.0f} GFLOP/s that day, well below the "
+        f"~300 GFLOP/s measured on it on other days — compare ratios, not absolute figures, and expect ±15% between "
+        f"runs on this VM):",
+        "",
+        "| measured in one session (`./launch.sh bench`) | result |",
+        "|---|---|",
+        f"| stacked, default run (5 seeds × bn, nobn) vs the lab loop | {d:,.0f} vs {lab_r:,.0f} member-samples/s: **{d / lab_r:.1f}×** |",
+        f"| stacked, 32 seeds × bn, nobn vs the lab loop | {s32:,.0f} member-samples/s: **{s32 / lab_r:.1f}×** |",
+        f"| `training_function`'s training throughput vs the bare step loop | {loop:,.0f} vs {bare:,.0f}: {loop / bare:.1%} (overhead {1 - loop / bare:.1%}) |",
+        f"| ... counting evaluation and results writing as well | {wall:,.0f}: {wall / bare:.1%} |",
+        f"| full evaluation (60,000 + 10,000 samples) vs one training epoch | {ev:.2f} s vs {ep:.2f} s: {ev / ep:.1%} |",
+        f"| arithmetic limit: {gflops:.0f} GFLOP/s ÷ {flop / 1e3:.0f} kFLOP per member-sample (forward + backward) | "
+        f"{limit:,.0f} member-samples/s; 32 seeds reach {s32 / limit:.0%} of it |",
+        "",
+        f"Per-op overhead, not arithmetic, bounds a step at small K: in `test_train_step` a no-BN stacked step "
+        f"takes {ms('test_train_step[nobn-stacked-K1]'):.2f} ms for 1 member and {ms('test_train_step[nobn-stacked-K32]'):.1f} ms "
+        f"for 32 (32× the work for {ms('test_train_step[nobn-stacked-K32]') / ms('test_train_step[nobn-stacked-K1]'):.0f}× "
+        f"the time), so more members per step raise throughput until the matmuls dominate.",
+        "On by default because the suite measures them to help (same session, medians):",
+        "",
+        "| choice | measured by | with | without |",
+        "|---|---|---|---|",
+        f"| fused Adam (one kernel per parameter) | `test_optimizer_step` | {ms('test_optimizer_step[True]'):.2f} ms | "
+        f"{ms('test_optimizer_step[False]'):.2f} ms (for-each) |",
+        f"| one `index_select` for all members' batches | `test_gather` | {ms('test_gather[index_select]'):.3f} ms | "
+        f"{ms('test_gather[indexing]'):.3f} ms (`x[idx]`) |",
+        f"| both torch threads | `test_default_step_threads` | {ms('test_default_step_threads[2]'):.1f} ms per default "
+        f"step (2) | {ms('test_default_step_threads[1]'):.1f} ms (1) |",
+        "",
+        f"On one repeated batch `torch.compile` shortens a stacked BN step (K = 5: {ms('test_step_compile[compile-5]'):.2f} "
+        f"vs {ms('test_step_compile[eager-5]'):.2f} ms; K = 32: {ms('test_step_compile[compile-32]'):.1f} vs "
+        f"{ms('test_step_compile[eager-32]'):.1f} ms; `test_step_compile`, compilation "
+        f"{b['test_step_compile[compile-5]'][1]['compile_s']:.1f} and {b['test_step_compile[compile-32]'][1]['compile_s']:.1f} s).",
+    ])
+
+
+def sync_bn_cost() -> str:
+    b = bench(STEP_BENCH)
+    ms = lambda k: b[k][0] * 1e3
+    s32, b32 = ms("test_train_step[sync-bn-stacked-K32]"), ms("test_train_step[bn-stacked-K32]")
+    s8, b8 = ms("test_train_step[sync-bn-stacked-K8]"), ms("test_train_step[bn-stacked-K8]")
+    return (f"Without communication, sync-BN's own arithmetic costs {s32 / b32 - 1:+.0%} per step at 32 members "
+            f"and {s8 / b8 - 1:+.0%} at 8 against BN's `F.batch_norm` ({s32:.2f} against {b32:.2f} ms, {s8:.2f} against "
+            f"{b8:.2f} ms; medians of `test_train_step` in `reports/bench/…0001…json`, `bench/test_step.py`, "
+            f"{bench_date(STEP_BENCH)}).")
+
+
+def ddp_scaling() -> str:
+    s = pd.read_csv(HERE / "ddp" / "scaling.csv")
+    names = {"lab, seed groups": "lab (BN + no-BN), 2 seed groups × dp 1", "bn": "BN, 1 seed group × dp 2",
+             "nobn": "no-BN, dp 2", "sync-bn": "sync-BN, dp 2"}
+    lines = ["| case | 1 process (2 threads) | 2 processes (1 thread each) | 2 ÷ 1 | step at 2 processes |",
+             "|---|---|---|---|---|"]
+    ratios = {}
+    for case, label in names.items():
+        one = s[(s["case"] == case) & (s["processes"] == 1)].iloc[0]
+        two = s[(s["case"] == case) & (s["processes"] == 2)].iloc[0]
+        r = two["member_samples_per_s"] / one["member_samples_per_s"]
+        ratios[case] = (r, two["step_ms"])
+        fmt = lambda row: (f"{round(row['member_samples_per_s'], -2):,.0f} ({round(row['min'], -2):,.0f}–"
+                           f"{round(row['max'], -2):,.0f})")
+        bold = f"**{r:.2f}×**" if case == "lab, seed groups" else f"{r:.2f}×"
+        lines.append(f"| {label} | {fmt(one)} | {fmt(two)} | {bold} | {two['step_ms']:.1f} ms |")
+    r, _ = ratios["lab, seed groups"]
+    lines += ["", f"Seed groups are the layout that pays: two processes train the lab {r:.2f}× as fast as one (scaling "
+              f"efficiency {r / 2:.2f}; the one process already uses both cores, with 2 threads, at poor efficiency for "
+              f"these thin matrices), with no communication until each window's rows meet at rank 0. DDP of these "
+              f"small models on gloo is slower than one process ({ratios['bn'][0]:.2f}× for BN, {ratios['nobn'][0]:.2f}× "
+              f"for no-BN), and sync-BN's four extra small all-reduces per step (two BN layers, forward and backward) "
+              f"take a step to {ratios['sync-bn'][1]:.1f} ms ({ratios['sync-bn'][0]:.2f}×)."]
+    return "\n".join(lines)
+
+
+def memory() -> str:
+    df = rows("lab")
+    run = meta_runs("lab")[0]
+    mb = lambda n: n * 784 * 4 / 1e6
+    return (f"Memory: each process holds the dataset once, on its device, as float32 ({mb(run['train_samples']):.0f} + "
+            f"{mb(run['test_samples']):.0f} MB for MNIST; the uint8 files are moved and converted there); rows record "
+            f"`peak_rss_mb` ({df['peak_rss_mb'].max():.0f} MiB at most for the default run on the CPU, torch included; "
+            f"`reports/lab`) and `peak_gpu_mb`.")
+
+
+BLOCKS = {f.__name__: f for f in (lab, lab_time, report_example, report_bench, ddp_scaling, sync_bn_cost, lr_scan,
+                                  ioffe_paragraph, ioffe_findings, deep_findings, deep_paragraph, instrument_cost,
+                                  perf_table, memory)}
+
+
+# -- README ----------------------------------------------------------------------------------------
+@functools.cache
+def _rendered(name: str) -> str:
+    return BLOCKS[name]().rstrip("\n") + "\n"
+
+
+def render(text: str) -> tuple[str, list[str]]:
+    """The README with every block re-rendered, and the problems: blocks that differ, are unknown or missing."""
+    problems, seen = [], []
+
+    def sub(m):
+        name, old = m.group(1), m.group(2)
+        seen.append(name)
+        if name not in BLOCKS:
+            problems.append(f"README.md: unknown figures block {name!r} (reports/readme.py has {', '.join(BLOCKS)})")
+            return m.group(0)
+        new = _rendered(name)
+        if new != old:
+            problems.append(f"README.md: block {name!r} differs from what reports/ gives:\n--- README\n{old}--- reports\n{new}")
+        return f"<!-- figures: {name} (reports/readme.py) -->\n{new}<!-- /figures -->"
+
+    out = BLOCK.sub(sub, text)
+    problems += [f"README.md: no figures block {n!r}" for n in BLOCKS if n not in seen]
+    problems += [f"README.md: figures block {n!r} appears {seen.count(n)} times" for n in set(seen) if seen.count(n) > 1]
+    return out, problems
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 naming each block that differs; write nothing")
+    args = ap.parse_args(argv)
+    text = README.read_text()
+    new, problems = render(text)
+    if args.check:
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1 if problems else 0
+    if new != text:
+        README.write_text(new)
+    for p in problems:
+        if "differs" not in p:
+            print(p, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
