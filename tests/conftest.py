@@ -69,3 +69,33 @@ def accelerator():
     from accelerate import Accelerator
 
     return Accelerator(cpu=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 2 MB filesystem (tmpfs, mounted as root) to fill up; None where mounting is not allowed,
+    and the test then injects the same OSError where the write happens, and says so."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode == 0
+    yield mnt if mounted else None
+    if mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Take every free byte of folder's filesystem; returns the filler (delete it to free the space)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for chunk in (65536, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler

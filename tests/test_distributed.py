@@ -339,6 +339,56 @@ def test_two_machines_on_loopback(tmp_path):
     assert not (tmp_path / "m1").exists()
 
 
+def _with_port(port: str) -> list[int]:
+    """Processes whose command line names this port: a launch's launcher (and agents)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and port.encode() in (d / "cmdline").read_bytes().split(b"\0"):
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_lost_machine_other_settings_and_a_killed_launch_end_cleanly(tmp_path):
+    """Issue 19. A: machine 0 alone ends after --dist-timeout with one line (it waited silently until
+    killed). B: two machines started with different --epochs stop right after set-up, both naming
+    the difference, nothing written (rank 0 used to finish and hang). C: launch.sh killed with
+    SIGKILL while its launcher waits takes the launcher down (its agent used to keep the port)."""
+    def machine(tag, rank, port, timeout, epochs=1):
+        cmd = [str(REPO / "launch.sh"), "--nproc", "1", "--cpu", "--num_machines", "2", "--machine_rank", str(rank),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--dist-timeout", str(timeout),
+               "--epochs", str(epochs), "--seeds", "0", "--quiet", "--out", str(tmp_path / tag)]
+        return subprocess.Popen(cmd, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    a_port, b_port, c_port = (str(free_port()) for _ in range(3))
+    launches = {"A": machine("A", 0, a_port, 5), "B0": machine("B0", 0, b_port, 300),
+                "B1": machine("B1", 1, b_port, 300, epochs=2), "C": machine("C", 0, c_port, 300)}
+    try:
+        deadline = time.monotonic() + 300
+        while not [p for p in _with_port(c_port) if p != launches["C"].pid]:  # C's launcher has started
+            assert time.monotonic() < deadline and launches["C"].poll() is None
+            time.sleep(0.2)
+        launches["C"].kill()  # SIGKILL to launch.sh (it execs bnbench's main job)
+        while _with_port(c_port):
+            assert time.monotonic() < deadline, f"launcher outlived launch.sh: {_with_port(c_port)}"
+            time.sleep(0.2)
+        outputs = {k: p.communicate(timeout=300)[0] for k, p in launches.items()}
+    finally:
+        for p in launches.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert launches["A"].returncode == 1, outputs["A"]
+    assert (f"bnbench: error: the machines did not meet at 127.0.0.1:{a_port} within --dist-timeout 5 s: "
+            "only 1 of 2 machines joined") in outputs["A"], outputs["A"][-3000:]
+    for tag in ("B0", "B1"):
+        assert launches[tag].returncode != 0, outputs[tag]
+        assert "started with other settings than rank 0: rank 1: epochs = 2 (rank 0: 1)" in outputs[tag], outputs[tag][-3000:]
+    assert not (tmp_path / "B0" / "meta.json").exists() and not (tmp_path / "B0" / "results.jsonl").read_text()
+
+
 def test_silent_mode_is_refused_when_launched(tmp_path):
     # torchrun + a plain Accelerator() on a machine without GPUs: two lone processes.
     script = tmp_path / "silent.py"

@@ -273,7 +273,8 @@ def test_instrument_refuses_several_processes(mnist_cpu, accelerator):
 
 
 def test_interrupted_attempt_moves_its_measures_aside(tmp_path):
-    rows = [{"run_id": r, "unit": u, "step": 0, "measure": "grad_norm", "value": 1.0} for r, u in (("a", "x"), ("b", "y"))]
+    rows = [{"run_id": r, "unit": u, "variant": "bn", "seed": 0, "step": 0, "measure": "grad_norm", "value": 1.0}
+            for r, u in (("a", "x"), ("b", "y"))]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps({"run_id": r["run_id"], "unit": r["unit"]}) + "\n" for r in rows))
     (tmp_path / INSTRUMENTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert move_rows_aside(tmp_path, lambda r: r["unit"] == "x") == {"a": 1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import re
 import statistics
+from pathlib import Path
 
 import pandas as pd
 import pytest

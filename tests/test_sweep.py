@@ -25,6 +25,8 @@ from conftest import REPO, mnist_root
 # Columns that differ between two runs of the same unit: who ran it, when, how fast.
 VOLATILE = {"run_id", "time", "train_seconds", "samples_per_s", "peak_rss_mb", "peak_gpu_mb"}
 
+ROW = {"run_id": "r", "variant": "bn", "seed": 0, "epoch": 1, "test_acc": 0.5, "diverged": False}  # what readers need
+
 
 def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
     path = tmp_path / name
@@ -176,7 +178,7 @@ def test_run_argv_rebuilds_the_config(overrides):
 # -- results files: repair and moving rows aside -----------------------------------------------
 def test_torn_tail_repaired_and_rows_moved_not_lost(tmp_path):
     with ResultsWriter(tmp_path) as w:
-        w.append([{"run_id": "a", "unit": "u1", "i": i} for i in range(3)] + [{"run_id": "b", "unit": "u2", "i": 3}])
+        w.append([{**ROW, "run_id": "a", "unit": "u1", "i": i} for i in range(3)] + [{**ROW, "run_id": "b", "unit": "u2", "i": 3}])
     path = tmp_path / "results.jsonl"
     with open(path, "ab") as f:
         f.write(b'{"run_id": "a", "unit": "u1", "i": 9')  # torn by a crash mid-write
@@ -191,7 +193,7 @@ def test_torn_tail_repaired_and_rows_moved_not_lost(tmp_path):
     assert b'"i": 9' in (tmp_path / "torn.log").read_bytes() and path.read_bytes().endswith(b"\n")
     # A whole row that only lacks its newline is kept, not moved.
     with open(path, "ab") as f:
-        f.write(b'{"run_id": "c", "unit": "u3", "i": 5}')
+        f.write(json.dumps({**ROW, "run_id": "c", "unit": "u3", "i": 5}).encode())
     assert repair_tail(tmp_path) is None and read_results(tmp_path)[0]["i"].tolist() == [0, 1, 2, 3, 5]
     moved = move_rows_aside(tmp_path, lambda r: r["unit"] == "u1")
     assert moved == {"a": 3}
@@ -204,11 +206,11 @@ def test_torn_tail_repaired_and_rows_moved_not_lost(tmp_path):
 
 def test_a_lone_writer_repairs_a_torn_tail(tmp_path):
     with ResultsWriter(tmp_path) as w:
-        w.append([{"i": 0}])
+        w.append([{**ROW, "i": 0}])
     with open(tmp_path / "results.jsonl", "ab") as f:
         f.write(b'{"i": 1, "x"')
     with ResultsWriter(tmp_path) as w:
-        w.append([{"i": 2}])
+        w.append([{**ROW, "i": 2}])
     df, problems = read_results(tmp_path)
     assert problems == [] and df["i"].tolist() == [0, 2]
     assert b'{"i": 1, "x"' in (tmp_path / "torn.log").read_bytes()
@@ -358,7 +360,7 @@ def test_status_of_a_folder_of_plain_runs(tmp_path, capsys):
     from bnbench.sweep import status
 
     with ResultsWriter(tmp_path) as w:
-        w.append([{"run_id": "r1", "epoch": 1}, {"run_id": "r1", "epoch": 1}])
+        w.append([{**ROW, "run_id": "r1", "epoch": 1}, {**ROW, "run_id": "r1", "epoch": 1}])
     update_meta(tmp_path, "r1", {"status": "complete", "config": {"epochs": 1}})
     update_meta(tmp_path, "r2", {"status": "failed", "config": {"epochs": 3}, "error": "RuntimeError: boom"})
     assert status(tmp_path) == 0

@@ -31,7 +31,7 @@ from .config import (
     parse_seeds,
     settings,
 )
-from .folder import FolderBusy
+from .folder import FolderBusy, disk_fault
 from .launch import SWEEP_CHILD_ENV, LaunchError, die_with_parent, launched_rank, launched_world
 
 
@@ -150,6 +150,8 @@ def build_parser(config_cls=Config) -> argparse.ArgumentParser:
     sw.add_argument("--out", help="results folder (default: the file's [sweep] out, else runs/<file name>)")
     sw.add_argument("--data-root", help="folder with the IDX files (default: [sweep] data_root, $BNBENCH_DATA_ROOT, ...)")
     sw.add_argument("--dry-run", action="store_true", help="list the units and what is done; run and write nothing")
+    sw.add_argument("--max-units", type=_positive_int, metavar="N",
+                    help="refuse a sweep of more than N units before planning it (default: [sweep] max_units, else 10000)")
     sw.add_argument("--quiet", action="store_true", help="no progress; failures and the summary only")
 
     st = sub.add_parser("status", help="what a sweep folder holds: units done, running, failed, left")
@@ -208,7 +210,8 @@ def cmd_sweep(a) -> int:
         return 0
     if not a.file:
         raise ConfigError("give a sweep file (bnbench sweep SWEEP.toml), or --example for a sample")
-    return sweep.run_sweep(a.file, out=a.out, quiet=a.quiet, data_root=a.data_root, dry_run=a.dry_run)
+    return sweep.run_sweep(a.file, out=a.out, quiet=a.quiet, data_root=a.data_root, dry_run=a.dry_run,
+                           max_units=a.max_units)
 
 
 def cmd_status(a) -> int:
@@ -276,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (LaunchError, FolderBusy) as e:
         print(f"{who}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        fault = disk_fault(e)
+        if fault is None:
+            raise
+        print(f"{who}: error: {fault}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         kept = "completed units are kept; rerun the sweep to resume" if args.command == "sweep" else "completed epochs are in results.jsonl"

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,25 +155,65 @@ def _stamp(paths: dict[str, Path]) -> dict:
     return {role: [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for role, p in paths.items()}
 
 
+def _idx_md5(t: torch.Tensor) -> str:
+    """MD5 of the IDX content a uint8 tensor holds (header + bytes): what the dataset's published MD5
+    covers, so a cached tensor is checked against the files it was made from (~0.1 s for MNIST)."""
+    h = hashlib.md5(bytes([0, 0, 8, t.dim()]) + b"".join(n.to_bytes(4, "big") for n in t.shape))
+    h.update(t.contiguous().numpy())
+    return h.hexdigest()
+
+
+def _cached(spec: DatasetSpec, tensors_file: Path, stamp_file: Path, stamp: dict) -> dict[str, torch.Tensor] | None:
+    """The cached tensors when they were made from these files and still hold their content; else None."""
+    try:
+        if json.loads(stamp_file.read_text()) != stamp:
+            return None  # other files, or a changed one: rebuild in silence
+    except (OSError, ValueError):
+        return None  # no cache yet
+    try:
+        t = torch.load(tensors_file, weights_only=True)
+        bad = [role for role, f in spec.files.items()
+               if role not in t or t[role].dtype != torch.uint8 or tuple(t[role].shape) != f.shape or _idx_md5(t[role]) != f.md5]
+        why = f"its {', '.join(bad)} differ from the files it was made from (checksum)" if bad else ""
+    except Exception as e:  # a torn or foreign file: torch raises RuntimeError, pickle and zip errors
+        why = f"it does not load ({type(e).__name__})"
+    if not why:
+        return t
+    print(f"bnbench: data cache {tensors_file}: {why}; rebuilt from the verified files", file=sys.stderr)
+    return None
+
+
+def _write_cache(cache: Path, tensors_file: Path, stamp_file: Path, tensors: dict, stamp: dict) -> None:
+    """Best effort, atomic, and never leaves a temporary file: a full or unwritable cache only costs speed."""
+    tmps = [tensors_file.with_suffix(f".tmp{os.getpid()}"), stamp_file.with_suffix(f".tmp{os.getpid()}")]
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(tensors, tmps[0])
+        tmps[1].write_text(json.dumps(stamp))
+        os.replace(tmps[0], tensors_file)  # atomic: a reader never sees half a cache
+        os.replace(tmps[1], stamp_file)
+    except Exception as e:  # OSError, or torch's RuntimeError ("enforce fail") on a full disk
+        print(f"bnbench: data cache not written in {cache} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+              f"running without it", file=sys.stderr)
+    finally:
+        for tmp in tmps:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
 def _load_verified(spec: DatasetSpec, paths: dict[str, Path]) -> dict[str, torch.Tensor]:
-    """Parse (and cache) the four files; a cache hit needs the same files, size and mtime."""
+    """Parse (and cache) the four files; a cache hit needs the same files, size and mtime, and content
+    whose checksum is the dataset's."""
     cache = cache_dir() / spec.key
     tensors_file, stamp_file = cache / "tensors.pt", cache / "source.json"
     stamp = _stamp(paths)
-    try:
-        if json.loads(stamp_file.read_text()) == stamp:
-            return torch.load(tensors_file, weights_only=True)
-    except (OSError, ValueError, RuntimeError):
-        pass  # no cache or a stale/broken one: rebuild it
+    cached = _cached(spec, tensors_file, stamp_file, stamp)
+    if cached is not None:
+        return cached
     tensors = {role: parse_idx(verify(p, spec.files[role]), spec.files[role].shape) for role, p in paths.items()}
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = tensors_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(tensors, tmp)
-        os.replace(tmp, tensors_file)  # atomic: a reader never sees half a cache
-        stamp_file.write_text(json.dumps(stamp))
-    except OSError:
-        pass  # an unwritable cache only costs speed
+    _write_cache(cache, tensors_file, stamp_file, tensors, stamp)
     return tensors
 
 

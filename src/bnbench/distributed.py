@@ -132,6 +132,24 @@ def make_mesh(layout: Layout, rank: int) -> Mesh:
     return Mesh(layout, rank, _GROUPS[key])
 
 
+def same_settings(settings: dict, mesh: Mesh) -> None:
+    """Every rank runs what rank 0 runs. Machines started with other options (a typo on one of them)
+    stop here, right after set-up and before anything is written, with one line naming the difference
+    (otherwise rank 0 finished and hung while the other died with gloo's `Connection closed by peer`)."""
+    if mesh.layout.world == 1 or not dist.is_initialized():
+        return
+    every = [None] * mesh.layout.world
+    dist.all_gather_object(every, settings)
+    first = every[0]
+    differ = {r: [k for k in sorted(set(s) | set(first)) if s.get(k) != first.get(k)] for r, s in enumerate(every)}
+    differ = {r: keys for r, keys in differ.items() if keys}
+    if differ:
+        r, keys = next(iter(differ.items()))
+        what = ", ".join(f"{k} = {every[r].get(k)!r} (rank 0: {first.get(k)!r})" for k in keys[:4])
+        raise LaunchError(f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} started with other "
+                          f"settings than rank 0: rank {r}: {what}. Start every machine with the same options.")
+
+
 def from_first(obj, mesh: Mesh):
     """Rank 0's obj on every rank (the run id that every row carries, whichever group wrote it)."""
     if mesh.layout.world == 1 or not dist.is_initialized():

@@ -7,6 +7,8 @@ rows of an abandoned attempt to DIR/superseded/<run_id>.jsonl (and .instruments.
 from __future__ import annotations
 
 import fcntl
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -157,10 +159,17 @@ def _repair_tail(out_dir: Path, name: str) -> str | None:
                 return None
         except ValueError:
             pass
-        with open(Path(out_dir) / TORN_LOG, "ab") as log:
-            log.write(f"# {utcnow()} {name}:{line_no}, {len(tail)} bytes\n".encode() + tail + b"\n")
-            log.flush()
-            os.fsync(log.fileno())
+        log_path = Path(out_dir) / TORN_LOG
+        before = log_path.stat().st_size if log_path.exists() else None
+        try:
+            with open(log_path, "ab") as log:
+                log.write(f"# {utcnow()} {name}:{line_no}, {len(tail)} bytes\n".encode() + tail + b"\n")
+                log.flush()
+                os.fsync(log.fileno())
+        except OSError as e:  # a full disk: torn.log as it was, the torn line still in place (nothing lost)
+            with contextlib.suppress(OSError):
+                os.truncate(log_path, before) if before is not None else log_path.unlink()
+            raise OSError(e.errno, e.strerror, str(log_path)) from e
         f.truncate(cut)
         os.fsync(f.fileno())
     return f"{path}:{line_no}: torn last line (interrupted write) of {len(tail)} bytes moved to {Path(out_dir) / TORN_LOG}"
@@ -207,13 +216,36 @@ def _move_aside(out_dir: Path, name: str, suffix: str, select) -> dict[str, int]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Replace path with data, whole or not at all; a failed write (a full disk) leaves no temporary
+    file and raises naming path, not the temporary."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     _fsync_dir(path.parent)
+
+
+# The faults of a disk (full, over quota, read-only, not ours): one line that names the file and what to do.
+DISK_FAULTS = {
+    errno.ENOSPC: "no space left on device writing {f}: free space there, or write elsewhere (--out DIR)",
+    errno.EDQUOT: "disk quota exceeded writing {f}: free space there, or write elsewhere (--out DIR)",
+    errno.EROFS: "read-only file system: cannot write {f}; use a writable folder",
+    errno.EACCES: "permission denied: {f}",
+    errno.EPERM: "operation not permitted: {f}",
+}
+
+
+def disk_fault(e: OSError) -> str | None:
+    """The one-line message for a disk fault, None for any other OSError (a bug: keep its traceback)."""
+    template = DISK_FAULTS.get(e.errno)
+    return template.format(f=e.filename or "the results folder") if template else None
 
 
 def end_torn_line(fd: int, path: Path) -> None:

@@ -56,7 +56,7 @@ def free_port() -> int:
 
 
 def accelerate_command(processes: int, run_args: list[str], machines: int = 1, cpu: bool = True,
-                       machine_args: list[str] = (), gpus: int = 0) -> tuple[list[str], dict]:
+                       machine_args: list[str] = (), gpus: int = 0, timeout: float = 600.0) -> tuple[list[str], dict]:
     """(argv, extra environment) of `accelerate launch` for `processes` ranks of `bnbench run run_args`.
 
     --multi_gpu is Accelerate's DDP mode; on CPUs ACCELERATE_USE_CPU=true makes it gloo (without
@@ -72,7 +72,9 @@ def accelerate_command(processes: int, run_args: list[str], machines: int = 1, c
                           "device, which NCCL refuses; use at most one process per GPU, or --cpu")
     if not any(a.startswith("--main_process_port") for a in machine_args):
         machine_args = [*machine_args, "--main_process_port", str(free_port())] if machines == 1 else list(machine_args)
+    # The launcher's own rendezvous (machines meeting at the main process's port) waits for every
+    # machine up to rdzv_conf's timeout, 600 s by default, silently: --dist-timeout bounds it too.
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no", *machine_args,
-            "-m", "bnbench", "run", *run_args]
+            "--rdzv_conf", f"timeout={max(1, round(timeout))}", "-m", "bnbench", "run", *run_args]
     return argv, ({"ACCELERATE_USE_CPU": "true"} if cpu else {})

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from . import cli
 from .config import ConfigError
-from .launch import MACHINE_OPTIONS, accelerate_command
+from .launch import MACHINE_OPTIONS, accelerate_command, die_with_parent
 from .layout import SYNC_BN_DP1, choose_layout
 
 HELP = """\
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         layout = choose_layout(cli.config_from_args(options), total)
         if total == 1:
             return cli.main(["run", *run_args])
-        cmd, env = accelerate_command(total, run_args, a.num_machines, cpu, machine_args, gpus)
+        cmd, env = accelerate_command(total, run_args, a.num_machines, cpu, machine_args, gpus, options.dist_timeout)
     except ConfigError as e:
         print(f"bnbench: error: {e}", file=sys.stderr)
         return 2
@@ -81,19 +83,53 @@ def main(argv: list[str] | None = None) -> int:
           f"{'CPU, gloo' if cpu else 'GPU, nccl'}", file=sys.stderr)
     if options.sync_bn and layout.dp == 1:
         print(f"launch.sh: {SYNC_BN_DP1}", file=sys.stderr)
-    proc = subprocess.Popen(cmd, env={**os.environ, **env})
+    # The launcher dies with us, even by SIGKILL: its agent would otherwise keep its ranks and port.
+    # Several machines: its stderr passes through us, to turn a rendezvous that never completes
+    # into one line (on one machine it stays the terminal's, and the progress bar with it).
+    several = a.num_machines > 1
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stderr=subprocess.PIPE if several else None,
+                            text=True, bufsize=1, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     # Ctrl-C reaches the launcher through the terminal; a SIGTERM to us is passed on to it.
     signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    seen: list[str] = []
+    relay = threading.Thread(target=_relay, args=(proc.stderr, seen), daemon=True)
+    if several:
+        relay.start()
     while True:
         try:
             rc = proc.wait()
             break
         except KeyboardInterrupt:
             continue  # the launcher got it too, and winds its ranks down
+    if several:
+        relay.join(timeout=10)
     if rc != 0:
-        print(f"launch.sh: the launch failed (exit {rc}); the failing rank is named above. "
+        rendezvous = _rendezvous_failure(seen, a, options.dist_timeout)
+        print(rendezvous or f"launch.sh: the launch failed (exit {rc}); the failing rank is named above. "
               f"Completed epochs are in {out}/results.jsonl", file=sys.stderr)
     return rc
+
+
+def _relay(stream, seen: list[str]) -> None:
+    """The launcher's stderr, passed through line by line as it comes; the lines kept for _rendezvous_failure."""
+    for line in stream:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        if "Dist" in line and "Error" in line:
+            seen.append(line)
+
+
+def _rendezvous_failure(lines: list[str], a, timeout: float) -> str | None:
+    """One line for machines that never met: torch's DistStoreError/DistNetworkError come as a traceback."""
+    for line in lines:
+        joined = re.search(r"Timed out after \d+ seconds waiting for clients\. (\d+)/(\d+) clients joined", line)
+        if joined or "DistNetworkError" in line or "DistStoreError" in line:
+            where = f"{a.main_process_ip or '127.0.0.1'}:{a.main_process_port or '?'}"
+            got = f"only {joined.group(1)} of {joined.group(2)} machines joined" if joined else "this machine could not reach the main one"
+            return (f"bnbench: error: the machines did not meet at {where} within --dist-timeout {timeout:g} s: {got}. "
+                    f"Start the same command on every machine (--machine_rank 0 .. {a.num_machines - 1}), check "
+                    f"--main_process_ip/--main_process_port, or allow longer with --dist-timeout.")
+    return None
 
 
 if __name__ == "__main__":

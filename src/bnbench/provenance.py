@@ -72,3 +72,29 @@ def environment() -> dict:
     }
 
 
+
+
+def process_identity(pid: int | None = None) -> dict:
+    """pid and its start time (clock ticks since boot, Linux): with the host, a record of which process
+    wrote a run that survives pid reuse, so a reader can tell a live run from a killed one."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "pid_start": _start_ticks(pid)}
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        stat = open(f"/proc/{pid}/stat", "rb").read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, counted after the command name
+
+
+def process_alive(record: dict) -> bool | None:
+    """Whether the process that wrote a record still runs: None when it cannot be told from here
+    (another host, or a record without a pid)."""
+    if record.get("hostname") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return None
+    start = _start_ticks(record["pid"])
+    if start is None:
+        return False
+    return record.get("pid_start") in (None, start)

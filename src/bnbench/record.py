@@ -14,16 +14,28 @@ import threading
 from pathlib import Path
 
 from .folder import META_FILE, write_json_atomic
-from .provenance import utcnow
+from .provenance import process_alive, process_identity, utcnow
+
+DIED = "died"  # recorded by the next writer for a run whose process ended without recording its end
 
 
-def update_meta(out_dir: str | os.PathLike, run_id: str, meta: dict) -> None:
-    """Merge one run's metadata into DIR/meta.json (atomic replace; other runs kept)."""
+def update_meta(out_dir: str | os.PathLike, run_id: str, meta: dict, bury: bool = False) -> None:
+    """Merge one run's metadata into DIR/meta.json (atomic replace; other runs kept).
+    bury: also record as died the runs still `running` whose process is gone (see live_status)."""
     path = Path(out_dir) / META_FILE
     # Two runs appending to one folder must not lose each other's entries: read-modify-write under a lock.
     with open(Path(out_dir) / ".meta.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _update_meta_locked(path, run_id, meta)
+        _update_meta_locked(path, run_id, meta, bury)
+
+
+def live_status(run: dict) -> str:
+    """A run's status as a reader should show it: `running` whose process is gone on this host (SIGKILL,
+    OOM, power loss: nothing could record the end) is `died (no process)`."""
+    status = run.get("status", "?")
+    if status == "running" and process_alive(run) is False:
+        return f"{DIED} (no process)"
+    return status
 
 
 @contextlib.contextmanager
@@ -50,7 +62,7 @@ def signals_deferred():
             signal.raise_signal(s)  # now: the handler it would have met
 
 
-def _update_meta_locked(path: Path, run_id: str, meta: dict) -> None:
+def _update_meta_locked(path: Path, run_id: str, meta: dict, bury: bool = False) -> None:
     doc = {"schema": 1, "runs": {}}
     if path.exists():
         try:
@@ -61,6 +73,11 @@ def _update_meta_locked(path: Path, run_id: str, meta: dict) -> None:
             os.replace(path, aside)
             print(f"bnbench: warning: {path} was unreadable ({e}); moved to {aside}", file=sys.stderr)
             doc = {"schema": 1, "runs": {}}
+    if bury:
+        for other_id, run in doc.get("runs", {}).items():
+            if other_id != run_id and live_status(run).startswith(DIED):
+                run.update(status=DIED, error=f"process {run.get('pid')} on {run.get('hostname')} ended without recording "
+                                              f"the end of the run (SIGKILL, out of memory or power loss); found {utcnow()}")
     doc.setdefault("runs", {}).setdefault(run_id, {}).update(meta)
     write_json_atomic(path, doc)
 
@@ -77,6 +94,11 @@ class RunRecord:
     def __init__(self, out_dir, run_id: str, main: bool):
         self.out_dir, self.run_id, self.main = out_dir, run_id, main
 
+    def start(self, meta: dict) -> None:
+        """The run's first record: status running, the writing process, and the dead runs of the folder buried."""
+        if self.main:
+            update_meta(self.out_dir, self.run_id, {"status": "running", **meta, **process_identity()}, bury=True)
+
     def update(self, meta: dict) -> None:
         if self.main:
             update_meta(self.out_dir, self.run_id, meta)
@@ -89,4 +111,8 @@ class RunRecord:
     def ended_by(self, error: BaseException) -> None:
         """Record how a run that raised ended: interrupted (Ctrl-C, SIGTERM) or failed."""
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        self.finish(status, error=f"{type(error).__name__}: {error}")
+        try:
+            self.finish(status, error=f"{type(error).__name__}: {error}")
+        except OSError as e:  # a full disk: the error that ended the run is the one to report
+            print(f"bnbench: warning: could not record status {status!r} in {Path(self.out_dir) / META_FILE}: "
+                  f"{e.strerror or e}", file=sys.stderr)

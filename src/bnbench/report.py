@@ -19,10 +19,12 @@ import pandas as pd
 from .config import Config, ConfigError, row_settings
 from .figures import LABELS, PALETTE, curve_bands, fixed_jitter, save_figure
 from .folder import META_FILE
+from .record import live_status
 from .report_instruments import inside_section
 from .results import ResultsProblem, read_events, read_results
 from .stats import MIN_PAIRS, describe_p, mean_ci95, paired_test, time_to_target
 
+CHANCE = 2 / 10  # "no better than chance": at most twice the 10% of guessing one of MNIST's 10 classes
 DEFAULT_TARGET = 0.97  # test accuracy for time-to-target (MLPerf / DAWNBench style)
 # What makes two rows the same experiment (apart from variant, seed and repeat): every setting
 # that is a row column (config.py declares them), and where it ran.
@@ -93,7 +95,10 @@ def verdicts(pairs: pd.DataFrame) -> pd.DataFrame:
     for cfg, g in pairs.groupby("config"):
         t = paired_test(g["bn"], g["nobn"])
         d = t["mean_diff"] * 100
-        if t["enough"]:
+        if t["enough"] and (g["bn"] == g["nobn"]).all():
+            text = (f"{cfg}: BN and no-BN reach the same final test accuracy on each of the {t['n']} paired seeds "
+                    f"(every difference is 0): no effect to estimate.")
+        elif t["enough"]:
             verb = "raises" if d > 0 else "lowers" if d < 0 else "does not change"
             text = (f"{cfg}: BN {verb} final test accuracy by {abs(d):.2f} pp "
                     f"[95% CI {t['ci_low'] * 100:+.2f}, {t['ci_high'] * 100:+.2f}], {describe_p(t['p_t'])} "
@@ -105,6 +110,14 @@ def verdicts(pairs: pd.DataFrame) -> pd.DataFrame:
         out.append({"config": cfg, **{k: t[k] for k in ("n", "mean_diff", "ci_low", "ci_high", "p_t", "p_wilcoxon", "ahead")},
                     "verdict": text})
     return pd.DataFrame(out)
+
+
+def _no_pairs(final: pd.DataFrame) -> str:
+    """Why there is no verdict: one variant only, or divergence, said as it is."""
+    have = sorted(set(final["variant"]))
+    if len(have) < 2:
+        return f"Only {'BN' if have == ['bn'] else 'no-BN'} members here: no paired comparison (run both variants)."
+    return "No seed has both a BN and a no-BN member that trained without diverging: no paired comparison."
 
 
 def target_table(ttt: pd.DataFrame, target: float) -> pd.DataFrame:
@@ -281,19 +294,25 @@ def _notes(df, final, out_dir: Path, problems: list[str], meta: dict) -> list[st
     for r in final[final["diverged"]].itertuples():
         first = df[(df.run_id == r.run_id) & (df.variant == r.variant) & (df.seed == r.seed) & df.diverged]["epoch"].min()
         notes.append(f"run {r.run_id}: {r.variant}/seed {r.seed} diverged (loss NaN/inf) at epoch {first}")
+    # A loss that explodes but stays finite is not `diverged` (that is NaN/inf); a member that ends no
+    # better than chance is still said, so that it cannot pass unnoticed.
+    for r in final[~final["diverged"] & (final["test_acc"].astype(float) <= CHANCE)].itertuples():
+        notes.append(f"run {r.run_id}: {r.variant}/seed {r.seed} ends at {r.test_acc:.2%} test accuracy, no better "
+                     f"than chance (its loss stayed finite: not counted as diverged)")
     run_ids = set(df["run_id"])
     for rid, m in meta.items():
         if rid in run_ids and m.get("status") not in ("complete", None):
-            notes.append(f"run {rid}: status {m['status']}" + (f" ({m['error']})" if m.get("error") else ""))
-    for e in read_events(out_dir)[0].values():  # a sweep: the units that failed, with their reasons
+            notes.append(f"run {rid}: status {live_status(m)}" + (f" ({m['error']})" if m.get("error") else ""))
+    events, event_problems = read_events(out_dir)
+    for e in events.values():  # a sweep: the units that failed, with their reasons
         if e.get("event") == "failed":
             notes.append(f"sweep unit {e.get('index')} ({e.get('label')}) failed: {e.get('reason')}")
-    return notes
+    return notes + event_problems  # unreadable units.jsonl lines, as `bnbench status` lists them
 
 
 def _environment(meta: dict, run_ids: set) -> pd.DataFrame:
     return pd.DataFrame([{
-        "run_id": rid, "status": m.get("status", "?"), "device": f"{m.get('device', '?')} ({m.get('device_name', '')})",
+        "run_id": rid, "status": live_status(m), "device": f"{m.get('device', '?')} ({m.get('device_name', '')})",
         # The layout where the run recorded one: processes = seed groups x dp.
         "world": (f"{m['world_size']} = {m['seed_groups']} x dp {m['dp']}" if "dp" in m else m.get("world_size", "?")),
         "torch": m.get("versions", {}).get("torch", "?"),
@@ -346,7 +365,7 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
     table = final_table(final)
     pairs = paired_differences(final)
     verdict = verdicts(pairs) if len(pairs) else pd.DataFrame(columns=["config", "verdict"])
-    verdict_lines = list(verdict["verdict"]) or ["No seed has both a BN and a no-BN member that trained without diverging: no paired comparison."]
+    verdict_lines = list(verdict["verdict"]) or [_no_pairs(final)]
     ttt = time_to_target(acc, target) if "train_seconds" in acc else pd.DataFrame()
     if len(ttt):
         ttt = ttt.merge(acc[["run_id", "config"]].drop_duplicates(), on="run_id")

@@ -21,7 +21,6 @@ from .folder import (
     EVENTS_FILE,
     INSTRUMENTS_FILE,
     RESULTS_FILE,
-    FolderBusy,
     FolderLock,
     end_torn_line,
     repair_tail,
@@ -89,11 +88,15 @@ def _clean(value):
     return value
 
 
-def append_lines(fd: int, rows: list[dict]) -> None:
+def append_lines(fd: int, rows: list[dict], path: Path | None = None) -> None:
     """Whole lines in ONE write, then fsync: a crash leaves at most a torn last line."""
-    data = "".join(json.dumps({k: _clean(v) for k, v in r.items()}, allow_nan=False) + "\n" for r in rows)
-    os.write(fd, data.encode())
-    os.fsync(fd)
+    data = memoryview("".join(json.dumps({k: _clean(v) for k, v in r.items()}, allow_nan=False) + "\n" for r in rows).encode())
+    try:
+        while data:  # a full disk can take part of a write: what is left then raises ENOSPC
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path) if path else None) from e
 
 
 class ResultsWriter:
@@ -128,20 +131,20 @@ class ResultsWriter:
                 # Back to shared. Also after a refused upgrade: Linux drops the shared lock when a
                 # non-blocking upgrade fails (flock(2): conversion is not atomic).
                 self.lock.shared()
-            except FolderBusy:
+            except BaseException:  # busy, or a repair that cannot write (full disk): release the folder
                 self.close()
                 raise
         end_torn_line(self.fd, self.path)
 
     def append(self, rows: list[dict], name: str = RESULTS_FILE) -> None:
         if name == RESULTS_FILE:
-            append_lines(self.fd, rows)
+            append_lines(self.fd, rows, self.path)
             return
         if name not in self.extra:
             self.extra[name] = os.open(self.dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             end_torn_line(self.extra[name], self.dir / name)
         if rows:
-            append_lines(self.extra[name], rows)
+            append_lines(self.extra[name], rows, self.dir / name)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -165,8 +168,47 @@ class ResultsProblem(Exception):
     pass
 
 
-def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
-    """The rows of a JSON-lines file and its problems: bad lines by number, never dropped in silence."""
+# What every reader relies on, per file: a row without it, or with another type, is listed by line
+# number and left out (foreign rows once passed in silence into exports, or broke the report).
+_NUMBER = (int, float)
+_REQUIRED = {
+    RESULTS_FILE: {"run_id": str, "variant": str, "seed": int, "epoch": _NUMBER, "test_acc": _NUMBER + (type(None),),
+                   "diverged": bool},
+    INSTRUMENTS_FILE: {"run_id": str, "variant": str, "seed": int, "step": int, "measure": str,
+                       "value": _NUMBER + (type(None),)},
+}
+_NUMBERS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "train_correct", "train_total", "test_correct",
+            "test_total", "train_loss_running", "train_seconds", "samples_per_s", "world_size", "dp", "lr", "batch_size")
+
+
+def row_problem(row: dict, name: str = RESULTS_FILE) -> str | None:
+    """Why a parsed row does not fit its file's schema, or None."""
+    required = _REQUIRED[name]
+    missing = [k for k in required if k not in row]
+    if missing:
+        return f"not a {name} row: no {', '.join(missing)}"
+    for key, kind in required.items():
+        v = row[key]
+        if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
+            return f"{key} is {v!r}: expected {_kind_name(kind)}"
+    if row["variant"] not in ("bn", "nobn"):
+        return f"variant is {row['variant']!r}: expected bn or nobn"
+    for key in _NUMBERS:
+        v = row.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, _NUMBER)):
+            return f"{key} is {v!r}: expected a number or null"
+    return None
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "text", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+    return " or ".join(dict.fromkeys("a number" if k in (int, float) and len(kinds) > 1 else names[k] for k in kinds))
+
+
+def read_jsonl(path: Path, check=None) -> tuple[list[dict], list[str]]:
+    """The rows of a JSON-lines file and its problems: bad lines by number, never dropped in silence.
+    check(row) -> reason or None: rows it rejects are problems too, and left out."""
     rows, problems = [], []
     raw = path.read_bytes()
     lines = raw.split(b"\n")
@@ -178,6 +220,10 @@ def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
+            why = check(row) if check is not None else None
+            if why:
+                problems.append(f"{path}:{i}: {why}; left out: {line[:80]!r}")
+                continue
             rows.append(row)
         except ValueError as e:
             last = i == len(lines) and torn_tail
@@ -194,8 +240,13 @@ def read_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
     """
     path = Path(out_dir) / RESULTS_FILE
     if not path.exists():
+        if path.is_symlink():
+            raise ResultsProblem(f"{path} is a symlink that leads nowhere (broken, or a loop): {os.readlink(path)}")
         raise ResultsProblem(f"no {RESULTS_FILE} in {out_dir}")
-    rows, problems = read_jsonl(path)
+    try:
+        rows, problems = read_jsonl(path, row_problem)
+    except OSError as e:
+        raise ResultsProblem(f"{path} cannot be read: {e.strerror or e}") from None
     return with_layout(pd.DataFrame(rows)), problems
 
 
@@ -252,7 +303,7 @@ def read_instruments(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str
     path = Path(out_dir) / INSTRUMENTS_FILE
     if not path.exists():
         return pd.DataFrame(), []
-    rows, problems = read_jsonl(path)
+    rows, problems = read_jsonl(path, lambda row: row_problem(row, INSTRUMENTS_FILE))
     return pd.DataFrame(rows), problems
 
 

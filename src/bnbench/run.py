@@ -17,10 +17,11 @@ import torch
 
 from .config import Config, row_values
 from .data import Splits
-from .distributed import Mesh, check_world, from_first, gather_to_first, make_accelerator, make_mesh
+from .distributed import Mesh, check_world, from_first, gather_to_first, make_accelerator, make_mesh, same_settings
 from .engine import Trainer
 from .folder import INSTRUMENTS_FILE
 from .launch import launched_rank
+from .memory import check_fits
 from .layout import SYNC_BN_DP1, choose_layout
 from .provenance import cpu_name, environment, utcnow
 from .record import RunRecord
@@ -210,6 +211,11 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
         world_size = check_world(accelerator)
         layout = choose_layout(cfg, world_size)
         mesh = make_mesh(layout, accelerator.process_index)
+        same_settings(cfg.to_dict(), mesh)
+        # Before any allocation: the most members a process holds must fit its device (on the CPU,
+        # the processes of this machine share its memory).
+        here = 1 if accelerator.device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        check_fits(cfg, max(layout.sizes()), cfg.global_batch(layout.dp) // layout.dp, accelerator.device, here)
         # TF32 is opt-in: results stay comparable across GPUs and with the CPU.
         torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
         splits = setup.data(cfg, accelerator)
@@ -221,8 +227,8 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
         dev, dev_name = device_label(accelerator.device), device_name(accelerator.device)
         static = static_fields(cfg, run_id, trainer, dev, dev_name, env["git_commit"])
         record = RunRecord(out_dir, run_id, main)
-        record.update({
-            "config": cfg.to_dict(), "unit": static["unit"], "status": "running", "started": utcnow(),
+        record.start({
+            "config": cfg.to_dict(), "unit": static["unit"], "started": utcnow(),
             "device": dev, "device_name": dev_name, "world_size": world_size, "backend": trainer.backend,
             "dp": layout.dp, "seed_groups": layout.seed_groups, "members_per_group": layout.sizes(),
             "layout": layout.line(),

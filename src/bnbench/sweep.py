@@ -21,6 +21,7 @@ One-process units of this machine's default device run inside the sweep's proces
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from .config import ConfigError, run_argv
 from .folder import EVENTS_FILE, META_FILE, RESULTS_FILE, FolderLock, move_rows_aside, repair_tail, write_atomic
 from .launch import SWEEP_CHILD_ENV, accelerate_command, die_with_parent
 from .provenance import utcnow
-from .record import update_meta
+from .record import live_status, update_meta
 from .results import ResultsProblem, append_lines, new_rows_of_unit, read_events, read_results, rows_of_unit
 from .sweepfile import Sweep, Unit, load_sweep, plan
 
@@ -191,7 +192,7 @@ class Runner:
             cmd = [sys.executable, "-m", "bnbench", "run", *run]
         else:
             gpus = 0 if unit.device == "cpu" else _cuda_count()
-            cmd, extra = accelerate_command(unit.nproc, run, cpu=unit.device == "cpu", gpus=gpus)
+            cmd, extra = accelerate_command(unit.nproc, run, cpu=unit.device == "cpu", gpus=gpus, timeout=self.timeout)
             env.update(extra)
         (self.out / "logs").mkdir(exist_ok=True)
         log_path = self.out / "logs" / f"{unit.id}.log"
@@ -226,9 +227,11 @@ class Runner:
         os.close(self.events)
 
 
-def run_sweep(path, out=None, quiet: bool = False, data_root=None, dry_run: bool = False) -> int:
+def run_sweep(path, out=None, quiet: bool = False, data_root=None, dry_run: bool = False, max_units=None) -> int:
     """Run every unit of the sweep file not yet done in its folder. Exit status: 0 all done, 1 something failed."""
     sweep = load_sweep(path)
+    if max_units:
+        sweep.settings["max_units"] = max_units
     out = Path(out) if out else sweep.out
     if dry_run:
         return show_plan(sweep, out)
@@ -303,8 +306,8 @@ def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
 def _rows(out: Path):
     try:
         return read_results(out)
-    except ResultsProblem:
-        return pd.DataFrame(), []
+    except ResultsProblem as e:  # no rows yet; a file that is there but cannot be read is a problem
+        return pd.DataFrame(), ([str(e)] if os.path.lexists(out / RESULTS_FILE) else [])
 
 
 # -- status and export ------------------------------------------------------------------
@@ -351,8 +354,13 @@ def status(out: str | os.PathLike) -> int:
     plan_path = out / PLAN_FILE
     if not plan_path.exists():
         return _status_of_runs(out, running)
-    doc = json.loads(plan_path.read_text())
-    table, problems = unit_table(out, [Unit.from_dict(u) for u in doc["units"]], running)
+    try:
+        doc = json.loads(plan_path.read_text())
+        units = [Unit.from_dict(u) for u in doc["units"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{plan_path} is unreadable ({type(e).__name__}: {e}); rerunning the sweep file into {out} "
+                          f"writes it again (rows are kept)") from None
+    table, problems = unit_table(out, units, running)
     counts = table["state"].value_counts()
     print(f"sweep {out} ({doc['file']}, planned {doc['created']}): {len(table)} units; "
           + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "running", "failed", "interrupted", "left", "diverged")
@@ -375,8 +383,14 @@ def _sweep_running(out: Path) -> bool:
 def _status_of_runs(out: Path, running: bool) -> int:
     """A folder of plain `bnbench run`s: each run's status and rows."""
     rows, problems = _rows(out)
-    meta = json.loads((out / META_FILE).read_text()).get("runs", {}) if (out / META_FILE).exists() else {}
-    table = [{"run_id": rid, "status": m.get("status"), "rows": int((rows["run_id"] == rid).sum()) if "run_id" in rows else 0,
+    meta = {}
+    if (out / META_FILE).exists():
+        try:
+            meta = json.loads((out / META_FILE).read_text())["runs"]
+        except (ValueError, KeyError, TypeError) as e:
+            problems = problems + [f"{out / META_FILE}: unreadable ({type(e).__name__}: {e}); runs' status unknown "
+                                   f"(the next run into the folder moves it aside and starts a new one)"]
+    table = [{"run_id": rid, "status": live_status(m), "rows": int((rows["run_id"] == rid).sum()) if "run_id" in rows else 0,
               "epochs": m.get("config", {}).get("epochs"), "error": m.get("error", "")} for rid, m in sorted(meta.items())]
     print(f"results folder {out}: {len(table)} runs (no sweep plan here){'; a sweep holds it now' if running else ''}")
     if table:
@@ -403,9 +417,17 @@ def export(out: str | os.PathLike, fmt: str, dest=None) -> Path:
         print(f"bnbench: warning: {p} (not exported)", file=sys.stderr)
     dest = Path(dest) if dest else out / f"results.{fmt}"
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    if fmt == "csv":
-        rows.to_csv(tmp, index=False)
-    else:
-        rows.to_parquet(tmp, index=False)
-    os.replace(tmp, dest)
+    try:
+        if fmt == "csv":
+            rows.to_csv(tmp, index=False)
+        else:
+            rows.to_parquet(tmp, index=False)
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(dest)) from e
+    except Exception as e:  # pyarrow refuses a column of mixed types that the row checks let through
+        raise ConfigError(f"cannot write {dest}: {type(e).__name__}: {e}; --format csv takes any column") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return dest
