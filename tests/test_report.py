@@ -272,3 +272,39 @@ def test_target_option(tmp_path):
         build_report(tmp_path, target=1.5)
     p = subprocess.run([sys.executable, "-m", "bnbench", "report", str(tmp_path), "--target", "0.96"], capture_output=True, text=True)
     assert p.returncode == 0 and "## Time to 96.00% test accuracy" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_sensitivity_ranges_against_hand_values(tmp_path):
+    """Issue 15: per varying setting, the range within 1 pp of each variant's best, with divergences."""
+    # Means by lr, 3 seeds each at mean +-0.001: BN flat, no-BN peaked, no-BN diverged at the top.
+    means = {"bn": {1e-4: 0.955, 1e-3: 0.970, 1e-2: 0.968, 1e-1: 0.962},
+             "nobn": {1e-4: 0.90, 1e-3: 0.955, 1e-2: 0.962, 1e-1: None}}
+    rows = []
+    for v, by_lr in means.items():
+        for lr, m in by_lr.items():
+            for s, d in enumerate((-0.001, 0.0, 0.001)):
+                a = None if m is None else m + d
+                rows.append(dict(run_id=f"r{lr}", variant=v, seed=s, epoch=1, epochs=1, lr=lr, optimizer="adam",
+                                 test_acc=a, test_loss=None if a is None else 1 - a, train_acc=a, train_loss=None if a is None else 1 - a,
+                                 diverged=m is None, train_seconds=1.0, hidden="32,32", batch_size=100, world_size=1, device="cpu"))
+    _write(tmp_path, rows)
+    build_report(tmp_path)
+    table = pd.read_csv(tmp_path / "report" / "sensitivity.csv").set_index("variant")
+    assert table.loc["bn", "best"] == 1e-3 and table.loc["bn", "best_mean"] == pytest.approx(0.970)
+    # 0.968 and 0.962 are within 1 pp of 0.970, 0.955 is not: 1e-3 to 1e-1, 100x.
+    assert (table.loc["bn", "within_1pp_from"], table.loc["bn", "within_1pp_to"], table.loc["bn", "span"]) == (1e-3, 1e-1, pytest.approx(100))
+    # no-BN: best 0.962 at 1e-2; 0.955 is within 1 pp; 1e-1 diverged, so outside.
+    assert (table.loc["nobn", "within_1pp_from"], table.loc["nobn", "within_1pp_to"]) == (1e-3, 1e-2)
+    assert table.loc["nobn", "diverged"] == "0.1: 3/3"
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert ("lr: with BN within 1 pp of its best (0.9700 at lr 0.001) from 0.001 to 0.1 (100x); without BN within 1 pp "
+            "of its best (0.9620 at lr 0.01) from 0.001 to 0.01 (10x); diverged members: 3/3 at 0.1.") in md
+    assert (tmp_path / "report" / "sensitivity_lr.png").stat().st_size > 10_000
+
+
+def test_sensitivity_says_when_nothing_varies(tmp_path):
+    _write(tmp_path, _rows())
+    build_report(tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Nothing varies between the runs of this folder (one configuration)" in md
+    assert not list((tmp_path / "report").glob("sensitivity_*"))

@@ -21,6 +21,7 @@ from .figures import LABELS, PALETTE, curve_bands, fixed_jitter, save_figure
 from .folder import META_FILE
 from .record import live_status
 from .report_instruments import inside_section
+from .report_sensitivity import sensitivity_section
 from .results import ResultsProblem, read_events, read_results
 from .stats import MIN_PAIRS, describe_p, mean_ci95, paired_test, time_to_target
 
@@ -244,32 +245,57 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
 
 
 def _learning_curves(live: pd.DataFrame, configs: list[str], palette: dict, rep: Path, figs: list) -> None:
+    """Train and test loss and accuracy per epoch, one column per configuration. With 3 or more seeds a
+    variant is its mean and Student-t 95% band (accuracy bands clipped to [0, 1], where a fraction lives);
+    with fewer, a t-interval says nothing (from 2 points it spanned -0.5 to 1.05), so each seed is drawn."""
     import textwrap
 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from .stats import MIN_PAIRS
+
     metrics = [(m, label) for m, label in CURVES if m in live and live[m].notna().any()]
     bands = curve_bands(live, [m for m, _ in metrics])
-    fig, axes = plt.subplots(len(metrics), len(configs), figsize=(0.8 + 3.8 * len(configs), 0.6 + 2.5 * len(metrics)),
-                             squeeze=False, sharex="col")
+    seeds = live.groupby(["config", "variant"])["seed"].nunique()
+    width = 0.8 + 3.8 * len(configs)
+    fig, axes = plt.subplots(len(metrics), len(configs), figsize=(width, 1.2 + 2.5 * len(metrics)), squeeze=False,
+                             sharex="col")
     for j, cfg in enumerate(configs):
-        axes[0, j].set_title("\n".join(textwrap.wrap(cfg, 42)), fontsize=10)
+        axes[0, j].set_title("\n".join(textwrap.wrap(cfg, 34)), fontsize=12)
         axes[-1, j].set_xlabel("epoch")
         for i, (metric, label) in enumerate(metrics):
             ax = axes[i, j]
             for variant, colour in palette.items():
-                b = bands[(bands["config"] == cfg) & (bands["metric"] == metric) & (bands["variant"] == variant)]
-                ax.plot(b["epoch"], b["mean"], marker="o", ms=3, color=colour, label=variant)
-                ax.fill_between(b["epoch"], b["mean"] - b["half"], b["mean"] + b["half"], color=colour, alpha=0.2, lw=0)
+                if seeds.get((cfg, variant), 0) >= MIN_PAIRS:
+                    b = bands[(bands["config"] == cfg) & (bands["metric"] == metric) & (bands["variant"] == variant)]
+                    lo, hi = b["mean"] - b["half"], b["mean"] + b["half"]
+                    if metric.endswith("_acc"):
+                        lo, hi = lo.clip(0, 1), hi.clip(0, 1)
+                    ax.plot(b["epoch"], b["mean"], marker="o", ms=3, color=colour, label=variant)
+                    ax.fill_between(b["epoch"], lo, hi, color=colour, alpha=0.2, lw=0)
+                    continue
+                mine = live[(live["config"] == cfg) & (live["variant"] == variant)].sort_values("epoch")
+                for k, (seed, g) in enumerate(mine.groupby("seed")):
+                    ax.plot(g["epoch"], g[metric], marker="o", ms=2, lw=0.9, color=colour, alpha=0.8,
+                            label=f"{variant} (each seed)" if k == 0 else None)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if j == 0:
                 ax.set_ylabel(label)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    fig.suptitle("Learning curves: mean and 95% CI across seeds (train metrics in eval mode, all samples)", x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 0.9 if len(configs) == 1 else 0.95, 0.97))
-    save_figure(fig, rep, "learning_curves", "train and test loss and accuracy per epoch, mean with 95% CI across seeds", figs, tight=False)
+    handles, labels = [], []
+    for ax in axes.flat:  # every kind of line once, whichever column drew it
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    title = ("Learning curves: mean and 95% CI across seeds (fewer than 3 seeds: each seed); train metrics in eval "
+             "mode, all samples")
+    fig.suptitle(textwrap.fill(title, int(width * 11)), x=0.02, ha="left", fontsize=12)
+    lines = title.count("\n") + len(textwrap.wrap(title, int(width * 11)))
+    fig.tight_layout(rect=(0, 0.05, 1, 1 - 0.035 * lines * 4.6 / (1.2 + 2.5 * len(metrics))))
+    save_figure(fig, rep, "learning_curves", "train and test loss and accuracy per epoch, mean with 95% CI across "
+                "seeds (each seed where fewer than 3)", figs, tight=False)
 
 
 # -- assembling ------------------------------------------------------------------------------
@@ -372,6 +398,9 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
     targets = target_table(ttt, target) if len(ttt) else pd.DataFrame()
     throughput = throughput_table(df) if "samples_per_s" in df else pd.DataFrame()
     figs = _figures(df, final, ttt, throughput, rep, target)
+    sens_figs, sens_text, sens_table = sensitivity_section(final, CONFIG_KEYS, rep)
+    if len(sens_table):
+        sens_table.to_csv(rep / "sensitivity.csv", index=False)
     inside_figs, inside_text, inside_problems = inside_section(out_dir, df, rep, target)
     notes = _notes(df, final, out_dir, problems + inside_problems, meta)
     env = _environment(meta, set(df["run_id"]))
@@ -406,6 +435,8 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
         ("Throughput and scaling", "table", throughput),
         ("Synchronised BN", "list", [sync_note] if sync_note else []),
         ("Figures", "figures", figs),
+        ("Sensitivity: BN and no-BN across each setting that varies", "list", sens_text),
+        ("Figures: sensitivity", "figures", sens_figs),
         ("Inside the network: Ioffe & Szegedy's Figure 1, gradients, internal covariate shift", "list", inside_text),
         ("Figures: inside the network", "figures", inside_figs),
         ("Missing, failed, diverged, problems", "list", notes or ["none"]),
