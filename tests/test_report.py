@@ -308,3 +308,47 @@ def test_sensitivity_says_when_nothing_varies(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Nothing varies between the runs of this folder (one configuration)" in md
     assert not list((tmp_path / "report").glob("sensitivity_*"))
+
+
+def test_two_varying_settings_one_figure_each_the_other_as_columns(tmp_path):
+    rows = []
+    for opt in ("adam", "sgd"):
+        for lr in (1e-3, 1e-2):
+            for r in _rows():
+                a = r["test_acc"] - (0.01 if opt == "sgd" else 0) - (0.005 if lr == 1e-2 else 0)
+                rows.append({**r, "run_id": f"{opt}{lr}", "optimizer": opt, "lr": lr, "test_acc": a})
+    _write(tmp_path, rows)
+    build_report(tmp_path)
+    rep = tmp_path / "report"
+    assert sorted(p.name for p in rep.glob("sensitivity_*.png")) == ["sensitivity_lr.png", "sensitivity_optimizer.png"]
+    md = (rep / "report.md").read_text()
+    for facet in ("lr (optimizer=adam): ", "lr (optimizer=sgd): ", "optimizer (lr=0.001): ", "optimizer (lr=0.01): "):
+        assert f"- {facet}with BN within 1 pp of its best" in md, facet
+    table = pd.read_csv(rep / "sensitivity.csv")
+    assert len(table) == 8 and set(table["facet"]) == {"optimizer=adam", "optimizer=sgd", "lr=0.001", "lr=0.01"}
+    loaded, console = _open_in_chromium(rep / "report.html")  # the new figures load in a browser too
+    assert console == [] and loaded.split("/")[0] == loaded.split("/")[1], loaded
+
+
+def test_curves_draw_seeds_below_three_and_accuracy_bands_stay_in_0_1():
+    from bnbench.figures import curve_bands
+    from bnbench.report import curve_drawing
+
+    def live(accs):
+        return pd.DataFrame([dict(config="c", variant="with BN", seed=s, epoch=e, test_acc=a, test_loss=1 - a)
+                             for s, a in enumerate(accs) for e in (1, 2)])
+
+    three = live([0.999, 0.95, 0.999])  # a t-interval from these spans past 1
+    bands = curve_bands(three, ["test_acc", "test_loss"])
+    seeds = three.groupby(["config", "variant"])["seed"].nunique()
+    drawn = curve_drawing(three, bands, seeds, "c", "with BN", "test_acc")
+    raw = bands[bands["metric"] == "test_acc"]
+    assert drawn["kind"] == "band" and (raw["mean"] + raw["half"]).max() > 1  # the band would leave [0, 1] ...
+    assert drawn["hi"].max() == 1.0 and drawn["lo"].min() >= 0  # ... and is drawn inside it
+    loss = curve_drawing(three, bands, seeds, "c", "with BN", "test_loss")
+    assert loss["lo"].min() < 0  # losses are not clipped: only accuracies are fractions
+    two = live([0.999, 0.95])
+    drawn = curve_drawing(two, curve_bands(two, ["test_acc"]), two.groupby(["config", "variant"])["seed"].nunique(),
+                          "c", "with BN", "test_acc")
+    assert drawn["kind"] == "seeds" and "lo" not in drawn and len(drawn["seeds"]) == 2
+    assert [list(y) for _, y in drawn["seeds"]] == [[0.999, 0.999], [0.95, 0.95]]

@@ -235,10 +235,10 @@ def test_a_sigterm_while_the_failure_is_recorded_still_records_it(tmp_path, acce
 
     real = record.update_meta
 
-    def sigterm_mid_write(out_dir, run_id, meta):
+    def sigterm_mid_write(out_dir, run_id, meta, **kw):
         if meta.get("status") == "failed":
             os.kill(os.getpid(), signal.SIGTERM)  # the launcher's SIGTERM, arriving now
-        real(out_dir, run_id, meta)
+        real(out_dir, run_id, meta, **kw)
 
     monkeypatch.setattr(Trainer, "train_steps", peer_gone)
     monkeypatch.setattr(record, "update_meta", sigterm_mid_write)

@@ -33,6 +33,7 @@ from .config import (
 )
 from .folder import FolderBusy, disk_fault
 from .launch import SWEEP_CHILD_ENV, LaunchError, die_with_parent, launched_rank, launched_world
+from .tracking import check_trackers
 
 
 def _positive_int(text: str) -> int:
@@ -140,6 +141,10 @@ def build_parser(config_cls=Config) -> argparse.ArgumentParser:
     r.add_argument("--data-root", help="folder with the four IDX files (default: $BNBENCH_DATA_ROOT, the cache, a download)")
     r.add_argument("--out", help="results folder (default runs/<UTC time>)")
     r.add_argument("--report", action="store_true", help="build the report when the run completes")
+    r.add_argument("--log-with", metavar="TRACKER[,TRACKER]",
+                   help="live curves through Accelerate's trackers: tensorboard, wandb, mlflow, trackio, aim, comet_ml, "
+                        "clearml, dvclive, swanlab or all (installed ones)")
+    r.add_argument("--logging-dir", metavar="DIR", help="where local trackers write (default: the results folder)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch table")
 
     sw = sub.add_parser("sweep", help="run a grid of units (SWEEP.toml) into one folder; rerun to resume",
@@ -150,6 +155,8 @@ def build_parser(config_cls=Config) -> argparse.ArgumentParser:
     sw.add_argument("--out", help="results folder (default: the file's [sweep] out, else runs/<file name>)")
     sw.add_argument("--data-root", help="folder with the IDX files (default: [sweep] data_root, $BNBENCH_DATA_ROOT, ...)")
     sw.add_argument("--dry-run", action="store_true", help="list the units and what is done; run and write nothing")
+    sw.add_argument("--log-with", metavar="TRACKER[,TRACKER]", help="every unit's live curves through Accelerate's "
+                    "trackers, as `bnbench run --log-with` (default: [sweep] log_with)")
     sw.add_argument("--max-units", type=_positive_int, metavar="N",
                     help="refuse a sweep of more than N units before planning it (default: [sweep] max_units, else 10000)")
     sw.add_argument("--quiet", action="store_true", help="no progress; failures and the summary only")
@@ -188,7 +195,9 @@ def cmd_run(a) -> int:
     child = bool(os.environ.get(SWEEP_CHILD_ENV))
     if child:
         die_with_parent(signal.SIGTERM)  # a sweep killed with -9 takes its units down with it
-    setup = Setup(data_root=a.data_root, dist_timeout=a.dist_timeout)
+    trackers = check_trackers(a.log_with.split(",")) if a.log_with else None
+    setup = Setup(data_root=a.data_root, dist_timeout=a.dist_timeout, log_with=trackers,
+                  logging_dir=a.logging_dir or (str(out) if trackers else None))
     run_id = training_function(cfg, out, setup, quiet=a.quiet, hold_lock=not child)
     if launched_world() > 1:
         setup.accelerator.end_training()  # the process group ends with the run (NCCL warns at exit otherwise)
@@ -211,7 +220,7 @@ def cmd_sweep(a) -> int:
     if not a.file:
         raise ConfigError("give a sweep file (bnbench sweep SWEEP.toml), or --example for a sample")
     return sweep.run_sweep(a.file, out=a.out, quiet=a.quiet, data_root=a.data_root, dry_run=a.dry_run,
-                           max_units=a.max_units)
+                           max_units=a.max_units, log_with=a.log_with)
 
 
 def cmd_status(a) -> int:

@@ -30,7 +30,7 @@ from .launch import LaunchError, launched_rank, launched_world
 from .layout import Layout
 
 
-def make_accelerator(cpu: bool = False, timeout_s: float = 600.0):
+def make_accelerator(cpu: bool = False, timeout_s: float = 600.0, log_with=None, project_dir=None):
     """The Accelerator of a run.
 
     Without a visible GPU, cpu=True is forced: otherwise a torchrun/accelerate
@@ -48,7 +48,8 @@ def make_accelerator(cpu: bool = False, timeout_s: float = 600.0):
         DistributedDataParallelKwargs(broadcast_buffers=False),
     ]
     try:
-        return Accelerator(cpu=cpu, kwargs_handlers=handlers)
+        return Accelerator(cpu=cpu, kwargs_handlers=handlers, log_with=log_with or None,
+                           project_dir=str(project_dir) if project_dir else None)
     except dist.DistError as e:  # DistStoreError: not every rank arrived in time
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         raise LaunchError(

@@ -244,6 +244,19 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
     return figs
 
 
+def curve_drawing(live, bands, seeds, cfg: str, variant: str, metric: str) -> dict:
+    """What a learning-curve panel draws for one variant: {"kind": "band", x, mean, lo, hi} from 3 seeds
+    up (accuracy bands clipped to [0, 1]), else {"kind": "seeds", "seeds": [(x, y) per seed]}."""
+    if seeds.get((cfg, variant), 0) >= MIN_PAIRS:
+        b = bands[(bands["config"] == cfg) & (bands["metric"] == metric) & (bands["variant"] == variant)]
+        lo, hi = b["mean"] - b["half"], b["mean"] + b["half"]
+        if metric.endswith("_acc"):
+            lo, hi = lo.clip(0, 1), hi.clip(0, 1)
+        return {"kind": "band", "x": b["epoch"].to_numpy(), "mean": b["mean"].to_numpy(), "lo": lo.to_numpy(), "hi": hi.to_numpy()}
+    mine = live[(live["config"] == cfg) & (live["variant"] == variant)].sort_values("epoch")
+    return {"kind": "seeds", "seeds": [(g["epoch"].to_numpy(), g[metric].to_numpy()) for _, g in mine.groupby("seed")]}
+
+
 def _learning_curves(live: pd.DataFrame, configs: list[str], palette: dict, rep: Path, figs: list) -> None:
     """Train and test loss and accuracy per epoch, one column per configuration. With 3 or more seeds a
     variant is its mean and Student-t 95% band (accuracy bands clipped to [0, 1], where a fraction lives);
@@ -252,8 +265,6 @@ def _learning_curves(live: pd.DataFrame, configs: list[str], palette: dict, rep:
 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-
-    from .stats import MIN_PAIRS
 
     metrics = [(m, label) for m, label in CURVES if m in live and live[m].notna().any()]
     bands = curve_bands(live, [m for m, _ in metrics])
@@ -267,17 +278,12 @@ def _learning_curves(live: pd.DataFrame, configs: list[str], palette: dict, rep:
         for i, (metric, label) in enumerate(metrics):
             ax = axes[i, j]
             for variant, colour in palette.items():
-                if seeds.get((cfg, variant), 0) >= MIN_PAIRS:
-                    b = bands[(bands["config"] == cfg) & (bands["metric"] == metric) & (bands["variant"] == variant)]
-                    lo, hi = b["mean"] - b["half"], b["mean"] + b["half"]
-                    if metric.endswith("_acc"):
-                        lo, hi = lo.clip(0, 1), hi.clip(0, 1)
-                    ax.plot(b["epoch"], b["mean"], marker="o", ms=3, color=colour, label=variant)
-                    ax.fill_between(b["epoch"], lo, hi, color=colour, alpha=0.2, lw=0)
-                    continue
-                mine = live[(live["config"] == cfg) & (live["variant"] == variant)].sort_values("epoch")
-                for k, (seed, g) in enumerate(mine.groupby("seed")):
-                    ax.plot(g["epoch"], g[metric], marker="o", ms=2, lw=0.9, color=colour, alpha=0.8,
+                drawn = curve_drawing(live, bands, seeds, cfg, variant, metric)
+                if drawn["kind"] == "band":
+                    ax.plot(drawn["x"], drawn["mean"], marker="o", ms=3, color=colour, label=variant)
+                    ax.fill_between(drawn["x"], drawn["lo"], drawn["hi"], color=colour, alpha=0.2, lw=0)
+                for k, (x, y) in enumerate(drawn.get("seeds", [])):
+                    ax.plot(x, y, marker="o", ms=2, lw=0.9, color=colour, alpha=0.8,
                             label=f"{variant} (each seed)" if k == 0 else None)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if j == 0:

@@ -89,6 +89,8 @@ def sensitivity_section(final: pd.DataFrame, keys: list[str], rep: Path):
     for key in swept:
         others = [k for k in swept if k != key]
         shown = final.assign(facet=_facets(final, others))
+        if not (shown.groupby("facet")[key].nunique() > 1).any():
+            continue  # it only ever varies together with another setting: that setting's figure shows it
         for facet in sorted(shown["facet"].unique()):
             rows, sentence = summarise(shown, key, facet)
             table += rows

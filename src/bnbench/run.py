@@ -26,6 +26,7 @@ from .layout import SYNC_BN_DP1, choose_layout
 from .provenance import cpu_name, environment, utcnow
 from .record import RunRecord
 from .results import ResultsWriter
+from .tracking import Live
 
 
 @dataclass
@@ -35,13 +36,15 @@ class Setup:
 
     data_root: str | None = None
     dist_timeout: float = 600.0  # seconds for process-group set-up and any one collective
+    log_with: list[str] | None = None  # Accelerate trackers (checked: tracking.check_trackers)
+    logging_dir: str | None = None  # where local trackers write (default: the results folder)
     accelerator: object = None  # made on first use unless given
     splits: Splits | None = None  # given data (tests: a subset); else loaded per (dataset, dtype)
     loaded: dict = field(default_factory=dict)
 
     def get_accelerator(self, cfg: Config):
         if self.accelerator is None:
-            self.accelerator = make_accelerator(cfg.cpu, self.dist_timeout)
+            self.accelerator = make_accelerator(cfg.cpu, self.dist_timeout, self.log_with, self.logging_dir)
         return self.accelerator
 
     def data(self, cfg: Config, accelerator) -> Splits:
@@ -204,7 +207,7 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
     setup = setup or Setup()
     main = launched_rank() == 0
     writer = ResultsWriter(out_dir, hold_lock=hold_lock) if main else None
-    record = None
+    record = live = None
     try:
         # -- set up
         accelerator = setup.get_accelerator(cfg)
@@ -244,6 +247,7 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
         stops = cfg.eval_steps(layout.dp, int(splits.train_x.shape[0]))  # the evaluation points
         display = Display(trainer, stops[-1] if stops else 0, show=main and not quiet)
         display.banner(run_id, dev, dev_name)
+        live = Live(accelerator, run_id, cfg.to_dict(), main)
 
         # -- the loop: train a window, evaluate, record
         per_epoch = trainer.steps_per_epoch()
@@ -265,6 +269,7 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
                     writer.append(trainer.instruments.rows({k: static[k] for k in ("run_id", "unit", "repeat")}),
                                   INSTRUMENTS_FILE)
                 writer.append(rows)  # durable before the next window starts
+                live.window(rows)
             if on_window is not None and rows is not None:
                 on_window(epoch, rows)
             display.table(rows, header=point == 1)
@@ -282,6 +287,8 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
             record.ended_by(e)
         raise
     finally:
+        if live is not None:
+            live.close()
         if writer is not None:
             writer.close()
 

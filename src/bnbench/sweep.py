@@ -41,6 +41,7 @@ from .provenance import utcnow
 from .record import live_status, update_meta
 from .results import ResultsProblem, append_lines, new_rows_of_unit, read_events, read_results, rows_of_unit
 from .sweepfile import Sweep, Unit, load_sweep, plan
+from .tracking import check_trackers
 
 PLAN_FILE = "plan.json"
 
@@ -129,6 +130,7 @@ class Runner:
         self.out, self.progress = out, progress
         self.data_root = data_root or settings.get("data_root")
         self.timeout = float(settings.get("dist_timeout", 600.0))
+        self.trackers = check_trackers(settings["log_with"].split(",")) if settings.get("log_with") else None
         self.events = os.open(out / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.setup = None  # the in-process units' accelerator and data, made on first use
 
@@ -174,7 +176,8 @@ class Runner:
         from .run import Setup, training_function
 
         try:
-            self.setup = self.setup or Setup(self.data_root, self.timeout)
+            self.setup = self.setup or Setup(self.data_root, self.timeout, self.trackers,
+                                             str(self.out) if self.trackers else None)
             training_function(unit.config, self.out, self.setup, quiet=True, hold_lock=False,
                               on_window=lambda e, rows: self.progress.epoch(e))
             return None
@@ -184,7 +187,8 @@ class Runner:
             return f"{type(e).__name__}: {e}"
 
     def _launch(self, unit: Unit) -> str | None:
-        run = ["--out", str(self.out), "--quiet", "--dist-timeout", str(self.timeout), *run_argv(unit.config)]
+        run = ["--out", str(self.out), "--quiet", "--dist-timeout", str(self.timeout), *run_argv(unit.config),
+               *(["--log-with", ",".join(self.trackers)] if self.trackers else [])]
         env = {**os.environ, SWEEP_CHILD_ENV: "1"}
         if self.data_root:
             env["BNBENCH_DATA_ROOT"] = str(self.data_root)
@@ -227,11 +231,14 @@ class Runner:
         os.close(self.events)
 
 
-def run_sweep(path, out=None, quiet: bool = False, data_root=None, dry_run: bool = False, max_units=None) -> int:
+def run_sweep(path, out=None, quiet: bool = False, data_root=None, dry_run: bool = False, max_units=None,
+              log_with=None) -> int:
     """Run every unit of the sweep file not yet done in its folder. Exit status: 0 all done, 1 something failed."""
     sweep = load_sweep(path)
     if max_units:
         sweep.settings["max_units"] = max_units
+    if log_with:
+        sweep.settings["log_with"] = log_with
     out = Path(out) if out else sweep.out
     if dry_run:
         return show_plan(sweep, out)

@@ -26,7 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # [sweep] keys: how the sweep runs, not what a unit computes.
 SWEEP_KEYS = {"out": "str", "seeds_per_unit": "int", "repeats": "int", "data_root": "str", "dist_timeout": "float",
-              "max_units": "int"}
+              "max_units": "int", "log_with": "str"}
 # A sweep's units are planned, listed and written to plan.json before any runs: 10,000 plan in a few
 # seconds; a grid of 10^6 once took 46 s and 3 GB to list and wrote a 351 MB plan. Raise it on purpose.
 MAX_UNITS = 10_000
