@@ -13,6 +13,12 @@ Checks (float64 on the device, against torch itself):
                           F.batch_norm, and bnbench's skips its all-reduce. The cross-process
                           equalities are tests/test_distributed.py's, over gloo processes.)
   exact metrics           correct counts on the device == on the CPU, count for count
+  sync BN, 2 processes    the real cross-process check: 2 processes (torchrun) as one data-parallel
+                          group with --sync-bn, each on half of every batch, == one process on the
+                          whole batch, per member, Adam, float64, <= 1e-10 (stacked: bnbench's
+                          cross-process BN; reference: torch.nn.SyncBatchNorm on NCCL). NCCL on 2+
+                          GPUs; on one GPU gloo with both ranks on it (gloo takes CUDA tensors);
+                          gloo on the CPU in the dry run.
 Timings (float32, synchronised): one step of reference and stacked K=1,5,32 for bn / nobn /
 sync-bn, a default epoch, one full evaluation, data to the device, TF32 on vs off, and
 --compile against eager with its compile time apart. Writes reports/gpu/<card>-<date>.json.
@@ -31,13 +37,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from accelerate import Accelerator
 
 from bnbench import data
 from bnbench.config import make_config
 from bnbench.data import Splits
+from bnbench.distributed import make_mesh
 from bnbench.engine import Trainer
+from bnbench.launch import free_port
+from bnbench.layout import choose_layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,13 +117,94 @@ def one_process_group(device) -> None:
     dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1, device_id=cuda)
 
 
+class OnDDP(OnCpu):
+    """What a Trainer asks of an Accelerator, for a process group made here (Accelerate would give
+    NCCL to two ranks on one GPU, which NCCL refuses): DDP as Accelerate wraps it."""
+
+    def __init__(self, device):
+        self.device, self.process_index = device, dist.get_rank()
+
+    def prepare(self, net, opt):
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False), opt
+
+    def unwrap_model(self, model):
+        return getattr(model, "module", model)
+
+
+SYNC_CASES = {"stacked": "stacked", "reference": "reference"}
+
+
+def sync_config(engine: str, sync_bn: bool):
+    return make_config(engine=engine, sync_bn=sync_bn, variants=("bn",), seeds=(0, 1), dtype="float64",
+                       dp=2 if sync_bn else None)
+
+
+def worker(out: str, device_kind: str, data_root, n: int, steps: int) -> None:
+    """One of the two processes of the cross-process check (under torchrun)."""
+    cuda = device_kind == "cuda"
+    nccl = cuda and torch.cuda.device_count() >= 2
+    rank = int(os.environ["RANK"])
+    device = torch.device("cuda", rank if nccl else 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if nccl else "gloo", device_id=device if nccl else None)
+    try:
+        acc = OnDDP(device)
+        splits = subset(data.load("mnist", data_root, device=device, dtype=torch.float64), n)
+        states = {}
+        for engine in SYNC_CASES:
+            cfg = sync_config(engine, True)
+            tr = Trainer(cfg, splits, acc, make_mesh(choose_layout(cfg, 2), rank))
+            tr.train_steps(steps)
+            states[engine] = {f"{v}/{s}": {k: t.cpu() for k, t in tr.member_state(v, s).items()} for v, s in tr.members}
+            states[engine + "/module"] = type(tr.stacks[0].net[1]).__name__ if engine == "reference" else "stacked"
+        torch.save({"backend": dist.get_backend(), "states": states}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def two_process_sync(device, data_root, n: int, steps: int, acc) -> dict:
+    """Launch the two workers, then train one process on the whole batch and compare member by member."""
+    import subprocess
+
+    out = Path(tempfile.mkdtemp())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           __file__, "--worker", str(out), "--device", device.type, "--samples", str(n), "--steps", str(steps),
+           *(["--data-root", data_root] if data_root else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return {"max_abs": float("inf"), "bound": 1e-10, "error": proc.stderr[-2000:]}
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    whole = subset(data.load("mnist", data_root, device=device, dtype=torch.float64), n)
+    result = {"backend": ranks[0]["backend"], "bound": 1e-10, "max_abs": 0.0, "ranks_equal": True}
+    for engine in SYNC_CASES:
+        one = train_steps(sync_config(engine, False), whole, acc, steps)
+        for key, state in ranks[0]["states"][engine].items():
+            v, s = key.split("/")
+            mine = one.member_state(v, int(s))
+            worst = max((state[k].double() - mine[k].double().cpu()).abs().max().item() for k in state)
+            result["max_abs"] = max(result["max_abs"], worst)
+            result[f"{engine}/{key}"] = worst
+            other = ranks[1]["states"][engine][key]
+            result["ranks_equal"] &= all(torch.equal(state[k], other[k]) for k in state)
+        result[f"{engine}/module"] = ranks[0]["states"][engine + "/module"]
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
     p.add_argument("--quick", action="store_true", help="fewer and smaller cases (a dry run)")
     p.add_argument("--out", help="JSON path (default reports/gpu/<card>-<date>.json)")
     p.add_argument("--data-root", default=os.environ.get("BNBENCH_DATA_ROOT"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # a process of the two-process check
+    p.add_argument("--samples", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.worker:
+        worker(a.worker, a.device, a.data_root, a.samples, a.steps)
+        return 0
     if a.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible (use --device cpu for a dry run)", file=sys.stderr)
         return 2
@@ -167,6 +258,7 @@ def main() -> int:
                 timings[f"step/{engine}/K{k}/{variant}"] = {"s": s, "member_samples_per_s": k * 100 / s}
     finally:
         dist.destroy_process_group()
+    checks["sync_bn_two_processes"] = two_process_sync(device, a.data_root, n, steps, acc)
 
     epoch_splits = subset(full, 10_000) if a.quick else full
     for name, extra in [("eager", {}), ("tf32", {"tf32": True}), ("compile", {"compile": True})]:
@@ -189,7 +281,8 @@ def main() -> int:
         timings["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     report["wall_s"] = time.perf_counter() - t_start
 
-    failed = [k for k, c in checks.items() if ("bound" in c and not c["max_abs"] <= c["bound"]) or c.get("equal") is False]
+    failed = [k for k, c in checks.items() if ("bound" in c and not c["max_abs"] <= c["bound"]) or c.get("equal") is False
+              or c.get("ranks_equal") is False]
     report["failed_checks"] = failed
     out = Path(a.out) if a.out else REPO / "reports" / "gpu" / f"{card.replace(' ', '_')}-{report['date'][:10]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,14 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["failed_checks"] == []
-    assert set(report["checks"]) == {"stacked_vs_reference", "device_vs_cpu", "exact_metrics", "sync_path_vs_bn", "reference_sync_vs_bn"}
+    assert set(report["checks"]) == {"stacked_vs_reference", "device_vs_cpu", "exact_metrics", "sync_path_vs_bn",
+                                     "reference_sync_vs_bn", "sync_bn_two_processes"}
     assert report["checks"]["reference_sync_vs_bn"]["module"] == "CrossProcessBatchNorm1d"
+    # The real cross-process check: 2 gloo processes with sync BN == one process on the whole batch.
+    two = report["checks"]["sync_bn_two_processes"]
+    assert two["backend"] == "gloo" and two["ranks_equal"] and 0 < two["max_abs"] <= 1e-10, two
+    assert {"stacked/bn/0", "stacked/bn/1", "reference/bn/0", "reference/bn/1"} <= set(two)
+    assert two["reference/module"] == "CrossProcessBatchNorm1d"
     assert {"step/stacked/K5/sync-bn", "epoch/default/eager", "full_evaluation_s"} <= set(report["timings"])
 
 
