@@ -324,7 +324,7 @@ class Trainer:
         else:
             u.net.load_state_dict(state)
 
-    def mark_diverged(self, epoch: int, *values: torch.Tensor) -> None:
+    def mark_diverged(self, *values: torch.Tensor) -> None:
         bad = torch.zeros_like(self.diverged)
         for v in values:
             bad |= ~torch.isfinite(v)

@@ -260,7 +260,7 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
             display.evaluating(epoch, stop)
             train = trainer.evaluate(splits.train_x, splits.train_y)
             test = trainer.evaluate(splits.test_x, splits.test_y)
-            trainer.mark_diverged(epoch, running, train[0], test[0])
+            trainer.mark_diverged(running, train[0], test[0])
             rows = epoch_rows(trainer, static, epoch, running, seconds, train, test, window)
             rows = run_rows(rows, mesh, window, trainer.batch)  # every group's, at rank 0
             if main:
