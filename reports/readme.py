@@ -364,9 +364,62 @@ def memory() -> str:
             f"`reports/lab`) and `peak_gpu_mb`.")
 
 
+def study(name: str, key: str) -> str:
+    """A study's finding: per facet, each variant's range within 1 pp of its best (the report's own
+    summary, recomputed here from the folder's rows), and its figure."""
+    from bnbench.report import CONFIG_KEYS, accuracy_rows, final_rows
+    from bnbench.report_sensitivity import axes, summarise
+
+    df = rows(name)
+    df = df.assign(diverged=df["diverged"].fillna(False).astype(bool), config=config_label(df))
+    last = final_rows(accuracy_rows(df))
+    (shown, facets), = [(shown, facets) for k, shown, facets in axes(last, CONFIG_KEYS) if k == key]
+    lines = []
+    for facet in facets:
+        g = shown[(shown["facet"] == facet) & ~shown["diverged"]]
+        d = g.pivot_table(index=[key, "seed"], columns="variant", values="test_acc", aggfunc="first")
+        diff = (d["bn"] - d["nobn"]).groupby(level=0).mean().mul(100)
+        lines += [f"- {summarise(shown, key, facet)[1]} BN − no-BN, mean over paired seeds: "
+                  + ", ".join(f"{v:g}: {x:+.1f} pp" for v, x in diff.items()) + "."]
+    return "\n".join([f"Final test accuracy after {int(last['epoch'].max())} epoch(s), {int(last['seed'].nunique())} "
+                       f"seeds per point (`reports/{name}/`, `reports/{name}.toml`):", "", *lines, "",
+                       f"![final test accuracy and BN - no-BN against {key}](reports/{name}/report/sensitivity_{key}.png)"])
+
+
+def lr_range() -> str:
+    return study("lr_range", "lr")
+
+
+def batch_size() -> str:
+    return study("batch_size", "batch_size")
+
+
+def sync_bn() -> str:
+    """What SyncBN restores: BN members at a small per-process batch, statistics per process or over
+    the group's global batch, paired by seed (same init and data order)."""
+    from bnbench.stats import mean_ci95
+
+    df = rows("sync_bn")
+    last = df.sort_values("step").groupby(["run_id", "seed"], as_index=False).tail(1)
+    lines = ["| per-process batch (global) | BN statistics per process | over the global batch (`--sync-bn`) | sync − per-process, paired |",
+             "|---|---|---|---|"]
+    for b, g in last.groupby("per_device_batch"):
+        acc = g.pivot_table(index="seed", columns="sync_bn", values="test_acc", aggfunc="first")
+        cell = lambda v: f"{v.mean():.4f} [{mean_ci95(v)[0]:.4f}, {mean_ci95(v)[1]:.4f}]"
+        d = (acc[True] - acc[False]) * 100
+        lo, hi = mean_ci95(d)
+        lines.append(f"| {b} ({int(g['batch_size'].iloc[0])}) | {cell(acc[False])} | {cell(acc[True])} | "
+                     f"{d.mean():+.2f} pp [{lo:+.2f}, {hi:+.2f}] |")
+    n, epochs = int(last["seed"].nunique()), int(last["epoch"].max())
+    return "\n".join([f"Final test accuracy of the BN members after {epochs} epoch, {n} seeds, mean [Student-t 95% CI] "
+                       f"(`reports/sync_bn/`, `reports/sync_bn.toml`; 2 gloo processes as one data-parallel group):",
+                       "", *lines, "", "![final test accuracy with and without --sync-bn against the per-process batch]"
+                       "(reports/sync_bn/report/sync_bn.png)"])
+
+
 BLOCKS = {f.__name__: f for f in (lab, lab_time, report_example, report_bench, ddp_scaling, sync_bn_cost, lr_scan,
                                   ioffe_paragraph, ioffe_findings, deep_findings, deep_paragraph, instrument_cost,
-                                  perf_table, memory)}
+                                  perf_table, memory, lr_range, batch_size, sync_bn)}
 
 
 # -- README ----------------------------------------------------------------------------------------

@@ -352,3 +352,14 @@ def test_curves_draw_seeds_below_three_and_accuracy_bands_stay_in_0_1():
                           "c", "with BN", "test_acc")
     assert drawn["kind"] == "seeds" and "lo" not in drawn and len(drawn["seeds"]) == 2
     assert [list(y) for _, y in drawn["seeds"]] == [[0.999, 0.999], [0.95, 0.95]]
+
+
+def test_settings_that_vary_together_are_one_axis(tmp_path):
+    # At dp 1 per_device_batch is batch_size: one figure, not two empty ones.
+    rows = [{**r, "run_id": f"b{b}", "batch_size": b, "per_device_batch": b, "test_acc": r["test_acc"] - b / 1e4}
+            for b in (10, 100, 1000) for r in _rows()]
+    _write(tmp_path, rows)
+    build_report(tmp_path)
+    rep = tmp_path / "report"
+    assert [p.name for p in rep.glob("sensitivity_*.png")] == ["sensitivity_batch_size.png"]
+    assert "- batch_size: with BN within 1 pp of its best" in (rep / "report.md").read_text()

@@ -39,6 +39,18 @@ def _facets(final: pd.DataFrame, others: list[str]) -> pd.Series:
     return final[others].astype(str).apply(lambda r: ", ".join(f"{k}={v}" for k, v in zip(others, r)), axis=1)
 
 
+def _lockstep(final: pd.DataFrame, a: str, b: str) -> bool:
+    """Whether two settings vary together, each value of one with one value of the other."""
+    x, y = final[a].astype(str), final[b].astype(str)
+    return bool(y.groupby(x).nunique().max() == 1 and x.groupby(y).nunique().max() == 1)
+
+
+def facet_order(final: pd.DataFrame, others: list[str]) -> list[str]:
+    """Facets in the order of their settings' values (1e-05 before 0.0001, not after 10.0)."""
+    firsts = final.drop_duplicates("facet")
+    return list(firsts.sort_values(others)["facet"]) if others else list(firsts["facet"])
+
+
 def summarise(final: pd.DataFrame, key: str, facet: str) -> tuple[list[dict], str]:
     """Per variant: best value and mean, the range within 1 pp of the best, divergences per value;
     and the sentence that says it."""
@@ -70,8 +82,15 @@ def summarise(final: pd.DataFrame, key: str, facet: str) -> tuple[list[dict], st
         rows.append({"setting": key, "facet": facet, "variant": variant, "best": best, "best_mean": means[best],
                      "within_1pp_from": lo, "within_1pp_to": hi, "span": span,
                      "diverged": "; ".join(f"{_show(v)}: {n}/{len(by[v])}" for v, n in diverged.items())})
-        where = f"{_show(lo)} to {_show(hi)}" + (f" ({span:.3g}x)" if span else "") if lo != hi else f"{_show(lo)} only"
-        text = f"{LABELS[variant]} within 1 pp of its best ({means[best]:.4f} at {key} {_show(best)}) from {where}"
+        if not _numeric(g[key]):  # no order between the values: say which are within 1 pp
+            within = [_show(v) for v, good in zip(values, ok) if good]
+            where = f"{', '.join(within)}" + (" only" if len(within) == 1 else "")
+        elif lo != hi:
+            where = f"{_show(lo)} to {_show(hi)}" + (f" ({span:.3g}x)" if span else "")
+        else:
+            where = f"{_show(lo)} only"
+        text = (f"{LABELS[variant]} within 1 pp of its best ({means[best]:.4f} at {key} {_show(best)}) "
+                f"{'from' if _numeric(g[key]) else 'at'} {where}")
         if diverged:
             text += "; diverged members: " + ", ".join(f"{n}/{len(by[v])} at {_show(v)}" for v, n in diverged.items())
         parts.append(text)
@@ -79,30 +98,40 @@ def summarise(final: pd.DataFrame, key: str, facet: str) -> tuple[list[dict], st
     return rows, head + "; ".join(parts) + "."
 
 
-def sensitivity_section(final: pd.DataFrame, keys: list[str], rep: Path):
-    """(figures, sentences, table) for every varying setting of the folder's final rows."""
+def axes(final: pd.DataFrame, keys: list[str]) -> list[tuple[str, pd.DataFrame, list[str]]]:
+    """(setting, rows with their facet, facets in order) for every setting worth an x axis: it varies
+    within some facet of the others, and no setting shown before varies in lockstep with it."""
     swept = varying(final, keys)
-    if not swept:
-        return [], ["Nothing varies between the runs of this folder (one configuration): no setting to plot "
-                    "against. A sweep over lr, batch_size, hidden, ... gives one figure per setting here."], pd.DataFrame()
-    figs, text, table = [], [], []
-    for key in swept:
-        others = [k for k in swept if k != key]
+    out = []
+    for i, key in enumerate(swept):
+        if any(_lockstep(final, key, k) for k in swept[:i]):
+            continue  # the same partition as a setting already shown (batch_size and per_device_batch at dp 1)
+        others = [k for k in swept if k != key and not _lockstep(final, key, k)]
         shown = final.assign(facet=_facets(final, others))
         if not (shown.groupby("facet")[key].nunique() > 1).any():
             continue  # it only ever varies together with another setting: that setting's figure shows it
-        for facet in sorted(shown["facet"].unique()):
+        out.append((key, shown, facet_order(shown, others)))
+    return out
+
+
+def sensitivity_section(final: pd.DataFrame, keys: list[str], rep: Path):
+    """(figures, sentences, table) for every varying setting of the folder's final rows."""
+    if not varying(final, keys):
+        return [], ["Nothing varies between the runs of this folder (one configuration): no setting to plot "
+                    "against. A sweep over lr, batch_size, hidden, ... gives one figure per setting here."], pd.DataFrame()
+    figs, text, table = [], [], []
+    for key, shown, facets in axes(final, keys):
+        for facet in facets:
             rows, sentence = summarise(shown, key, facet)
             table += rows
             text.append(sentence)
-        _figure(shown, key, rep, figs)
+        _figure(shown, key, facets, rep, figs)
     return figs, text, pd.DataFrame(table)
 
 
-def _figure(final: pd.DataFrame, key: str, rep: Path, figs: list) -> None:
+def _figure(final: pd.DataFrame, key: str, facets: list[str], rep: Path, figs: list) -> None:
     import matplotlib.pyplot as plt
 
-    facets = sorted(final["facet"].unique())
     numeric = _numeric(final[key])
     values = sorted(final[key].unique(), key=lambda v: (isinstance(v, str), v))
     xpos = (lambda v: v) if numeric else (lambda v: values.index(v))
