@@ -41,6 +41,7 @@ BLOCK = re.compile(r"<!-- figures: (\S+) \(reports/readme\.py\) -->\n(.*?)<!-- /
 
 
 # -- reading the committed files -----------------------------------------------------------------
+@functools.cache  # several blocks read one folder; none changes the frame
 def rows(name: str) -> pd.DataFrame:
     df, problems = read_results(HERE / name)
     if problems:
@@ -54,6 +55,7 @@ def final(df: pd.DataFrame) -> pd.DataFrame:
     return last
 
 
+@functools.cache
 def meta_runs(name: str) -> list[dict]:
     return list(json.loads((HERE / name / "meta.json").read_text())["runs"].values())
 

@@ -180,11 +180,17 @@ def test_a_full_cache_disk_costs_speed_only_and_leaves_nothing(data_root, small_
         print("no tmpfs (not root?): ENOSPC injected at torch.save instead")
         full_cache_dir = data.cache_dir()
 
-        def no_space(obj, f, *a, **k):
-            Path(f).write_bytes(b"x" * 1000)  # a partial file, as a full disk leaves
-            raise OSError(errno.ENOSPC, "No space left on device")
+        real_open = open
 
-        monkeypatch.setattr(torch, "save", no_space)
+        def no_space(path, mode="r", *a, **k):  # the cache's writes fail after a partial file, as a full disk does
+            f = real_open(path, mode, *a, **k)
+            if "w" in mode and str(full_cache_dir) in str(path):
+                f.write(b"x" * 1000)
+                f.close()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return f
+
+        monkeypatch.setattr("builtins.open", no_space)
     monkeypatch.setenv("BNBENCH_CACHE", str(full_cache_dir))
     for _ in range(2):  # and again: nothing left behind makes the second run fail
         s = data.load("mnist", data_root)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .folder import write_atomic
 
 
 @dataclass(frozen=True)
@@ -184,23 +186,17 @@ def _cached(spec: DatasetSpec, tensors_file: Path, stamp_file: Path, stamp: dict
 
 
 def _write_cache(cache: Path, tensors_file: Path, stamp_file: Path, tensors: dict, stamp: dict) -> None:
-    """Best effort, atomic, and never leaves a temporary file: a full or unwritable cache only costs speed."""
-    tmps = [tensors_file.with_suffix(f".tmp{os.getpid()}"), stamp_file.with_suffix(f".tmp{os.getpid()}")]
+    """Best effort, through the folder's atomic write (whole or not at all, no temporary file left):
+    a full or unwritable cache only costs speed."""
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        torch.save(tensors, tmps[0])
-        tmps[1].write_text(json.dumps(stamp))
-        os.replace(tmps[0], tensors_file)  # atomic: a reader never sees half a cache
-        os.replace(tmps[1], stamp_file)
-    except Exception as e:  # OSError, or torch's RuntimeError ("enforce fail") on a full disk
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        write_atomic(tensors_file, buffer.getvalue())
+        write_atomic(stamp_file, json.dumps(stamp).encode())  # last: the stamp vouches for the tensors
+    except Exception as e:  # OSError, or whatever torch raises
         print(f"bnbench: data cache not written in {cache} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
               f"running without it", file=sys.stderr)
-    finally:
-        for tmp in tmps:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
 
 
 def _load_verified(spec: DatasetSpec, paths: dict[str, Path]) -> dict[str, torch.Tensor]:
