@@ -5,13 +5,13 @@ line that says how to make it fit, instead of dying in the allocator (`--seeds 0
 """
 from __future__ import annotations
 
+import math
 import os
 
 from .config import Config, ConfigError
 
 BASE_BYTES = 300 * 2**20  # what torch and Python hold apart from the members and data, not counting shared libraries
 SHARE = 0.9  # of the memory the device has available: the rest is the OS's and other processes'
-SAMPLES = {"mnist": (60_000, 10_000), "fashion-mnist": (60_000, 10_000)}
 
 
 def member_bytes(cfg: Config, per_process_batch: int) -> int:
@@ -26,8 +26,11 @@ def member_bytes(cfg: Config, per_process_batch: int) -> int:
 
 
 def needed_bytes(cfg: Config, members: int, per_process_batch: int) -> int:
-    train, test = SAMPLES[cfg.dataset]
-    data = (train + test) * 784 * (8 if cfg.dtype == "float64" else 4)
+    from .data import DATASETS  # the files' shapes (imported here: data needs torch, this module does not)
+
+    files = DATASETS[cfg.dataset].files
+    pixels = sum(math.prod(files[role].shape) for role in ("train_x", "test_x"))
+    data = pixels * (8 if cfg.dtype == "float64" else 4)
     return BASE_BYTES + data + members * member_bytes(cfg, per_process_batch)
 
 
