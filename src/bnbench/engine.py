@@ -5,7 +5,8 @@
 
 Engines
   stacked    all members of one variant in one StackedMLP: one baddbmm per layer,
-             one F.batch_norm per BN layer, one Adam (elementwise, so = K Adams).
+             one F.batch_norm per BN layer; one backward and one fused Adam for both
+             variants' stacks (elementwise, so = one Adam per member).
   reference  one torch.nn.Sequential + optimizer per member, the lab's loop.
 Both see the same batches: per seed and epoch one permutation, shared by the
 bn and nobn members of that seed, drop_last like the lab.
@@ -60,9 +61,8 @@ def make_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Opti
 
 def stacked_losses(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """[K] mean cross-entropy per member: xb [S=K, b, 784], yb [K, b]."""
-    logits = model(xb)
-    k, b, c = logits.shape
-    return F.cross_entropy(logits.reshape(k * b, c), yb.reshape(-1), reduction="none").view(k, b).mean(1)
+    logits = model(xb)  # [K, b, 10], a view of [K, 10, b]: cross_entropy takes that as it is
+    return F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)
 
 
 def reference_losses(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class Trainer:
         self.seeds = lists[0] if shared else [s for x in lists for s in x]
         inits = {s: [(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)]
                  for s in dict.fromkeys(self.seeds)}
-        self.stacks: list[Stack] = []
+        built = []  # (variant, members, rows, net, losses): the stacks, before they get optimizers
         row = 0
         for v, seeds in by_variant.items():
             if not seeds:
@@ -131,16 +131,29 @@ class Trainer:
             if cfg.engine == "stacked":
                 net = StackedMLP([inits[s] for s in seeds], bn=(v == "bn"), activation=cfg.activation,
                                  sync_bn=self.sync_bn, drop_bias=cfg.bn_drop_bias, group=self.group)
-                self._add(v, slice(base, base + len(seeds)), slice(row, row + len(seeds)), net, stacked_losses, fused=True)
+                built.append((v, slice(base, base + len(seeds)), slice(row, row + len(seeds)), net, stacked_losses))
             else:
                 for j, s in enumerate(seeds):
                     net = reference_mlp(inits[s], bn=(v == "bn"), activation=cfg.activation, drop_bias=cfg.bn_drop_bias)
                     if self.sync_bn and v == "bn":
                         net = convert_sync_bn(net, self.backend, self.group)
-                    self._add(v, slice(base + j, base + j + 1), slice(row + j, row + j + 1), net, reference_losses,
-                              fused=False)
+                    built.append((v, slice(base + j, base + j + 1), slice(row + j, row + j + 1), net, reference_losses))
             if not shared:
                 row += len(seeds)
+        nets = [b[3].to(self.device) for b in built]  # fused optimizers want their parameters placed first
+        if cfg.engine == "stacked":
+            # ONE optimizer for every stack: Adam and SGD are elementwise, so this is the update of one
+            # optimizer per stack, in one fused call and one autograd pass per step (step()).
+            opts = [make_optimizer(cfg, [p for n in nets for p in n.parameters()], fused=True)] * len(nets)
+        else:
+            opts = [make_optimizer(cfg, n.parameters()) for n in nets]  # the lab's: one per member
+        self.stacks: list[Stack] = []
+        self.groups: list[tuple[torch.optim.Optimizer, list[Stack]]] = []  # each optimizer and the stacks it steps
+        if self.mesh.layout.seed_groups == 1:  # Accelerate's optimizer over the world's models (as prepare(net, opt))
+            prepared = {id(o): self.accelerator.prepare(o) for o in opts}
+            opts = [prepared[id(o)] for o in opts]
+        for (v, members, rows, _, losses), net, opt in zip(built, nets, opts):
+            self._add(v, members, rows, net, losses, opt)
         self.steps_done = 0
         self.instruments = None
         if cfg.instrument:
@@ -149,15 +162,14 @@ class Trainer:
             self.instruments = Instruments(cfg, self.members, splits.test_x, sync=self._sync)
         self.diverged = torch.zeros(len(self.members), dtype=torch.bool)
 
-    def _add(self, variant: str, members: slice, rows: slice, net: nn.Module, losses: Callable, fused: bool) -> None:
-        net = net.to(self.device)  # fused optimizers want their parameters placed first
-        opt = make_optimizer(self.cfg, net.parameters(), fused=fused)
+    def _add(self, variant: str, members: slice, rows: slice, net: nn.Module, losses: Callable,
+             opt: torch.optim.Optimizer) -> None:
         with warnings.catch_warnings():
             # DDP's broadcast_buffers=False, which torch now calls deprecated in favour of
             # forward_sync_buffers; both skip the per-step buffer broadcast we avoid.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
             if self.mesh.layout.seed_groups == 1:
-                model, opt = self.accelerator.prepare(net, opt)  # Accelerate's DDP over the world (none alone)
+                model = self.accelerator.prepare(net)  # Accelerate's DDP over the world (none alone)
             elif self.dp > 1:
                 # Accelerate's DDP spans the world and cannot take a subgroup: a data-parallel
                 # group of a mesh is wrapped here, as Accelerate would wrap the world.
@@ -169,7 +181,12 @@ class Trainer:
         eager = losses
         if self.cfg.compile:
             losses = torch.compile(losses)
-        self.stacks.append(Stack(variant, members, rows, model, opt, self.accelerator.unwrap_model(model), losses, eager))
+        stack = Stack(variant, members, rows, model, opt, self.accelerator.unwrap_model(model), losses, eager)
+        self.stacks.append(stack)
+        if self.groups and self.groups[-1][0] is opt:
+            self.groups[-1][1].append(stack)
+        else:
+            self.groups.append((opt, [stack]))
 
     def warm_up(self) -> float:
         """With --compile: compile every stack's forward and backward on the first batch, then
@@ -183,7 +200,7 @@ class Trainer:
         for u in self.stacks:
             saved = {k: v.detach().clone() for k, v in u.net.state_dict().items()}
             u.model.train()
-            self.accelerator.backward(u.losses(u.model, xb, yb).sum())
+            self.accelerator.backward(u.losses(u.model, xb[u.rows], yb[u.rows]).sum())
             u.optimizer.zero_grad(set_to_none=True)
             u.net.load_state_dict(saved)
         self._sync()
@@ -213,20 +230,25 @@ class Trainer:
         return xb, yb
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor, loss_sum: torch.Tensor) -> None:
-        """One optimizer step of every member; adds each member's batch loss to loss_sum (on the device)."""
+        """One optimizer step of every member; adds each member's batch loss to loss_sum (on the device).
+        One backward and one update per optimizer (the stacked engine has one for all its stacks)."""
         probe = self.instruments
-        for u in self.stacks:
-            x, y = xb[u.rows], yb[u.rows]  # views
-            u.optimizer.zero_grad(set_to_none=True)
-            losses = u.losses(u.model, x, y)
+        for opt, stacks in self.groups:
+            opt.zero_grad(set_to_none=True)
+            losses = [u.losses(u.model, xb[u.rows], yb[u.rows]) for u in stacks]  # views of the batch
+            total = losses[0].sum()
+            for more in losses[1:]:
+                total = total + more.sum()
             # Summing member losses keeps each member's gradient its own.
-            self.accelerator.backward(losses.sum())
+            self.accelerator.backward(total)
             if probe is not None:
-                probe.before_step(u, x, y, self.steps_done)
-            u.optimizer.step()
-            if probe is not None:
-                probe.after_step(u, x, y, self.steps_done)
-            loss_sum[u.members] += losses.detach()
+                for u in stacks:
+                    probe.before_step(u, xb[u.rows], yb[u.rows], self.steps_done)
+            opt.step()
+            for u, member_losses in zip(stacks, losses):
+                if probe is not None:
+                    probe.after_step(u, xb[u.rows], yb[u.rows], self.steps_done)
+                loss_sum[u.members] += member_losses.detach()
 
     def train_steps(self, stop: int, on_step=None) -> tuple[torch.Tensor, float]:
         """Step every member from step self.steps_done up to `stop` (a window of an epoch or
@@ -293,10 +315,11 @@ class Trainer:
                 logits = u.net(xc)
                 if logits.dim() == 2:
                     logits = logits.unsqueeze(0)
-                k, n, c = logits.shape
-                per_sample = F.cross_entropy(logits.reshape(k * n, c), yc.repeat(k), reduction="none").view(k, n)
+                k, n, _ = logits.shape
+                by_class = logits.transpose(1, 2)  # [k, 10, n]: contiguous for the stacked engine
+                per_sample = F.cross_entropy(by_class, yc.expand(k, n), reduction="none")  # [k, n]
                 loss_sum[u.members] += per_sample.sum(1, dtype=torch.float64)
-                correct[u.members] += (logits.argmax(-1) == yc).sum(1)
+                correct[u.members] += (by_class.argmax(1) == yc).sum(1)
         all_reduce_sum(loss_sum, self.group)
         all_reduce_sum(correct, self.group)
         total = x.shape[0]

@@ -77,9 +77,13 @@ def reference_mlp(
 class StackedMLP(nn.Module):
     """K independent MLPs of one architecture as one module.
 
-    Weights are stacked as [K, in, out] so that one torch.baddbmm per layer runs
-    every member. Per-member BN is ONE F.batch_norm over K*C channels: the
-    [K, B, C] activations viewed as [B, K*C], each (member, unit) a channel.
+    Weights are stacked as [K, out, in] (nn.Linear's layout) and activations run
+    transposed, [K, C, B]: one torch.baddbmm per layer computes W x^T for every
+    member, and per-member BN is ONE F.batch_norm over K*C channels of the same
+    memory viewed as [1, K*C, B], each (member, unit) a channel. The [K, B, C]
+    layout needed a transposing copy in and out of every BN layer, forward and
+    backward; this one, with engine.Trainer's single backward and optimizer for
+    both variants, took a default step from 9.7 to 7.7 ms (2 cores, 2026-11-28).
     Members share nothing: gradients, BN statistics and (elementwise) Adam
     states of one member never touch another's. Parameters are stored [K, padded n]
     (ALIGN_BYTES); weight(i), bias(i) and bn_affine(i) are the views the layers use.
@@ -102,9 +106,9 @@ class StackedMLP(nn.Module):
         self.activation = activation
         self.act = ACTIVATION_FUNCTIONS[activation]
         n_layers = len(member_inits[0])
-        self.shapes = [tuple(member_inits[0][i][0].t().shape) for i in range(n_layers)]  # (in, out) per layer
+        self.shapes = [tuple(member_inits[0][i][0].shape) for i in range(n_layers)]  # (out, in) per layer
         self.weights = nn.ParameterList(
-            _stacked_parameter([m[i][0].t() for m in member_inits]) for i in range(n_layers)
+            _stacked_parameter([m[i][0] for m in member_inits]) for i in range(n_layers)
         )
         # drop_bias: hidden layers of a BN net have no Linear bias (see reference_mlp); biases[j] is
         # then the j-th layer that has one, and bias_index maps layer -> j (or None).
@@ -113,7 +117,7 @@ class StackedMLP(nn.Module):
         self.biases = nn.ParameterList(
             _stacked_parameter([m[i][1] for m in member_inits]) for i in range(n_layers) if has_bias[i]
         )
-        self.widths = [out for _, out in self.shapes]
+        self.widths = [out for out, _ in self.shapes]
         dtype = self.weights[0].dtype
         if bn:
             kc = [self.k * c for c in self.widths[:-1]]
@@ -126,39 +130,28 @@ class StackedMLP(nn.Module):
                 self.register_buffer(f"num_batches_tracked{i}", torch.tensor(0, dtype=torch.long))
 
     def _bn(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """h: [K, B, C] -> per-member batch norm over B, returned as [K, B, C] (a transposed view)."""
-        k, b, c = h.shape
+        """h: [K, C, B] (contiguous) -> per-member batch norm over B, [K, C, B]: no copy either way."""
+        k, c, b = h.shape
         if self.training:
             getattr(self, f"num_batches_tracked{i}").add_(1)
-        flat = h.transpose(0, 1).reshape(b, k * c)
+        flat = h.view(1, k * c, b)  # F.batch_norm's [N, C, L]: statistics over N*L = B per channel
         weight, bias = self.bn_affine(i)
+        mean, var = getattr(self, f"running_mean{i}"), getattr(self, f"running_var{i}")
         if self.training and self.sync_bn:
-            out = sync_batch_norm(
-                flat, getattr(self, f"running_mean{i}"), getattr(self, f"running_var{i}"),
-                weight, bias, BN_MOMENTUM, BN_EPS, self.group,
-            )
-            return out.view(b, k, c).transpose(0, 1)
-        out = F.batch_norm(
-            flat,
-            getattr(self, f"running_mean{i}"),
-            getattr(self, f"running_var{i}"),
-            weight,
-            bias,
-            training=self.training,
-            momentum=BN_MOMENTUM,
-            eps=BN_EPS,
-        )
-        return out.view(b, k, c).transpose(0, 1)
+            out = sync_batch_norm(flat[0].t(), mean, var, weight, bias, BN_MOMENTUM, BN_EPS, self.group)  # [B, K*C]
+            return out.t().reshape(k, c, b)
+        out = F.batch_norm(flat, mean, var, weight, bias, training=self.training, momentum=BN_MOMENTUM, eps=BN_EPS)
+        return out.view(k, c, b)
 
     def weight(self, i: int) -> torch.Tensor:
-        """Layer i's weights [K, in, out] (a view of the padded storage)."""
-        fin, fout = self.shapes[i]
-        return _unpadded(self.weights[i], fin * fout).view(self.k, fin, fout)
+        """Layer i's weights [K, out, in] (a view of the padded storage)."""
+        fout, fin = self.shapes[i]
+        return _unpadded(self.weights[i], fout * fin).view(self.k, fout, fin)
 
     def bias(self, i: int) -> torch.Tensor | None:
-        """Layer i's biases [K, 1, out], or None (drop_bias)."""
+        """Layer i's biases [K, out, 1] (a column: activations are [K, C, B]), or None (drop_bias)."""
         j = self.bias_index[i]
-        return None if j is None else _unpadded(self.biases[j], self.widths[i]).view(self.k, 1, self.widths[i])
+        return None if j is None else _unpadded(self.biases[j], self.widths[i]).view(self.k, self.widths[i], 1)
 
     def bn_affine(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """BN layer i's scale and shift over K*C channels (a copy only where C needed padding)."""
@@ -166,27 +159,28 @@ class StackedMLP(nn.Module):
         return _unpadded(self.bn_weight[i], c).reshape(-1), _unpadded(self.bn_bias[i], c).reshape(-1)
 
     def forward(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
-        """x: [K, B, in] (each member its own batch) or [B, in] (one batch for all). Returns [K, B, out].
-        taps: a list that receives each hidden layer's input to the nonlinearity, [K, B, C]."""
+        """x: [K, B, in] (each member its own batch) or [B, in] (one batch for all). Returns [K, B, out]
+        (a transposed view of [K, out, B]). taps: a list that receives each hidden layer's input to
+        the nonlinearity, [K, B, C] (views)."""
         last = len(self.weights) - 1
+        h = x.transpose(-1, -2)  # [K, in, B]: a view; the GEMMs take it transposed
         for i in range(len(self.weights)):
             w, b = self.weight(i), self.bias(i)
-            if x.dim() == 2:
-                # Shared input (evaluation): one GEMM against all members' weights side by side.
-                n, fin = x.shape
-                h = (x @ w.transpose(0, 1).reshape(fin, -1)).view(n, self.k, -1).transpose(0, 1)
-                if b is not None:
-                    h = h + b
+            if x.dim() == 2 and i == 0:
+                # Shared input (evaluation): one GEMM against all members' weights stacked, [K*out, in].
+                # x W^T then a transposing copy: 44 ms for 10,000 samples x 5 members, W x^T 58 ms.
+                w2 = w.reshape(-1, w.shape[-1]).t()
+                h = torch.addmm(b.reshape(1, -1), x, w2) if b is not None else x @ w2
+                h = h.t().contiguous().view(self.k, w.shape[1], -1)
             else:
-                h = torch.baddbmm(b, x, w) if b is not None else torch.bmm(x, w)
+                h = torch.baddbmm(b, w, h) if b is not None else torch.bmm(w, h)
             if i < last:
                 if self.bn:
                     h = self._bn(i, h)
                 if taps is not None:
-                    taps.append(h)
+                    taps.append(h.transpose(1, 2))
                 h = self.act(h)
-            x = h
-        return x
+        return h.transpose(1, 2)
 
     def _member_views(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's tensors under the keys of reference_mlp(...).state_dict(), as views into
@@ -194,9 +188,9 @@ class StackedMLP(nn.Module):
         views: dict[str, torch.Tensor] = {}
         idx, last = 0, len(self.weights) - 1
         for i in range(len(self.weights)):
-            views[f"{idx}.weight"] = self.weight(i)[k].t()
+            views[f"{idx}.weight"] = self.weight(i)[k]
             if self.bias(i) is not None:
-                views[f"{idx}.bias"] = self.bias(i)[k, 0]
+                views[f"{idx}.bias"] = self.bias(i)[k, :, 0]
             idx += 1
             if i < last:
                 if self.bn:
