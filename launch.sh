@@ -58,10 +58,15 @@ case "$cmd" in
     test)
         shift
         # Debian's recompressed Fashion-MNIST is part of what the data tests accept; the report
-        # test opens the HTML page in Debian's headless Chromium.
+        # test opens the HTML page in Debian's headless Chromium; the SLURM tests need SLURM.
         missing=()
         [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
         command -v chromium >/dev/null || missing+=(chromium)
+        # tests/test_slurm.py starts a one-node SLURM cluster (munged, slurmctld, slurmd) of its own.
+        command -v slurmctld >/dev/null || missing+=(slurmctld)
+        command -v slurmd >/dev/null || missing+=(slurmd)
+        command -v sbatch >/dev/null || missing+=(slurm-client)
+        command -v munged >/dev/null || missing+=(munge)
         if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             echo "launch.sh: installing Debian's ${missing[*]} for the tests ..." >&2
             apt-get update -qq >/dev/null 2>&1 || true

@@ -3,6 +3,7 @@
     bnbench run --out runs/lab                 # the lab, 5 seeds, 15 epochs, MNIST
     bnbench run --seeds 0-9 --epochs 5 --out runs/ten
     bnbench sweep my.toml                      # a grid of units; rerun to resume (--example: a sample file)
+    bnbench sweep my.toml --executor slurm     # the units as SLURM jobs (submitit); rerun to collect
     bnbench status runs/my                     # done / running / failed / left
     bnbench export runs/my --format parquet    # one flat table for pandas
     bnbench report runs/lab                    # -> runs/lab/report/report.html
@@ -159,6 +160,12 @@ def build_parser(config_cls=Config) -> argparse.ArgumentParser:
                     "trackers, as `bnbench run --log-with` (default: [sweep] log_with)")
     sw.add_argument("--max-units", type=_positive_int, metavar="N",
                     help="refuse a sweep of more than N units before planning it (default: [sweep] max_units, else 10000)")
+    sw.add_argument("--executor", choices=("local", "slurm"),
+                    help="where units run (default: [sweep] executor, else local): local, one after another on this "
+                         "machine; slurm, as SLURM jobs through submitit (one job array), placed by the file's [slurm] "
+                         "table (partition, time_min, gpus_per_node, cpus_per_task, mem_gb, account, array_parallelism, "
+                         "additional sbatch options); each job writes to DIR/jobs/, the sweep moves finished units into "
+                         "results.jsonl; killed, it leaves the jobs running and a rerun adopts them")
     sw.add_argument("--quiet", action="store_true", help="no progress; failures and the summary only")
 
     st = sub.add_parser("status", help="what a sweep folder holds: units done, running, failed, left")
@@ -220,7 +227,7 @@ def cmd_sweep(a) -> int:
     if not a.file:
         raise ConfigError("give a sweep file (bnbench sweep SWEEP.toml), or --example for a sample")
     return sweep.run_sweep(a.file, out=a.out, quiet=a.quiet, data_root=a.data_root, dry_run=a.dry_run,
-                           max_units=a.max_units, log_with=a.log_with)
+                           max_units=a.max_units, log_with=a.log_with, executor=a.executor)
 
 
 def cmd_status(a) -> int:

@@ -6,6 +6,7 @@ main job (main_job.py) build their multi-process launches with accelerate_comman
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 
@@ -15,6 +16,15 @@ MACHINE_OPTIONS = ("--machine_rank", "--main_process_ip", "--main_process_port")
 
 class LaunchError(RuntimeError):
     """The processes of a launch could not form or keep their group."""
+
+
+def failure_cause(log: str) -> str:
+    """The line of a failed launch's output that says why: bnbench's own error first (rank 0's
+    if several), else the last line that mentions an error, else the last line."""
+    lines = [x.strip() for x in log.splitlines() if x.strip()]
+    ours = [x for x in lines if re.match(r"bnbench( \[rank \d+\])?: (error|terminated|interrupted)", x)]
+    errors = [x for x in lines if "error" in x.lower()]
+    return (ours[:1] or errors[-1:] or lines[-1:] or ["no output"])[0]
 
 
 def launched_rank() -> int:

@@ -298,6 +298,25 @@ def new_rows_of_unit(path: Path, unit_id: str, offset: int) -> tuple[list[dict],
     return [r for r in _parsed(whole.splitlines()) if r.get("unit") == unit_id], offset + len(whole)
 
 
+def done_units(rows: pd.DataFrame, units: list) -> dict[str, dict]:
+    """The units (sweepfile.Unit) whose every row is in `rows` from one run -> {run_id, diverged, members,
+    all_diverged}: what a sweep counts as done in results.jsonl, and collects from a SLURM job's folder."""
+    want = {u.id: u for u in units if u.config is not None}
+    if rows.empty or "unit" not in rows.columns:
+        return {}
+    mine = rows[rows["unit"].isin(want)]
+    done = {}
+    for (unit_id, run_id), g in mine.groupby(["unit", "run_id"], sort=False):
+        u = want[unit_id]
+        cells = g[["variant", "seed", "epoch"]].drop_duplicates()
+        if len(cells) == u.expected_rows:
+            last = g[g["epoch"] == u.config.epochs]
+            n_div = int(last["diverged"].fillna(False).astype(bool).sum()) if "diverged" in last else 0
+            done.setdefault(unit_id, {"run_id": run_id, "diverged": n_div, "members": len(last),
+                                      "all_diverged": n_div == len(last)})
+    return done
+
+
 def read_instruments(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
     """DIR/instruments.jsonl as a DataFrame (empty if the folder has none) and its problems."""
     path = Path(out_dir) / INSTRUMENTS_FILE

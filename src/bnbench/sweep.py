@@ -14,17 +14,17 @@ attempts to DIR/superseded/ and runs those units again from the start: no row is
 lost, none is counted twice. Files beside results.jsonl:
     plan.json     the units of the current sweep file
     sweep.toml    a copy of that file
-    units.jsonl   what happened to each unit: start / done / failed / interrupted, with reasons
-    logs/         output of units launched as separate processes
+    units.jsonl   what happened to each unit: start / submitted / done / failed / interrupted, with reasons
+    logs/         output of units launched as separate processes (jobs/: of SLURM jobs, slurm.py)
 One-process units of this machine's default device run inside the sweep's process
-(no start-up cost per unit); the others run under `accelerate launch`.
+(no start-up cost per unit); the others run under `accelerate launch`. With --executor slurm
+(slurm.py) every unit is a SLURM job writing to DIR/jobs/, and this process collects them.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -36,45 +36,17 @@ import pandas as pd
 
 from .config import ConfigError, run_argv
 from .folder import EVENTS_FILE, META_FILE, RESULTS_FILE, FolderLock, move_rows_aside, repair_tail, write_atomic
-from .launch import SWEEP_CHILD_ENV, accelerate_command, die_with_parent
+from .launch import SWEEP_CHILD_ENV, accelerate_command, die_with_parent, failure_cause
 from .provenance import utcnow
 from .record import live_status, update_meta
-from .results import ResultsProblem, append_lines, new_rows_of_unit, read_events, read_results, rows_of_unit
+from .results import ResultsProblem, append_lines, done_units, new_rows_of_unit, read_events, read_results, rows_of_unit
 from .sweepfile import Sweep, Unit, load_sweep, plan
 from .tracking import check_trackers
 
 PLAN_FILE = "plan.json"
 
 
-# -- what is done ---------------------------------------------------------------------
-def done_units(rows, units: list[Unit]) -> dict[str, dict]:
-    """Units whose every row is in results.jsonl from one run -> {run_id, diverged, members, all_diverged}."""
-    want = {u.id: u for u in units if u.config is not None}
-    if rows.empty or "unit" not in rows.columns:
-        return {}
-    mine = rows[rows["unit"].isin(want)]
-    done = {}
-    for (unit_id, run_id), g in mine.groupby(["unit", "run_id"], sort=False):
-        u = want[unit_id]
-        cells = g[["variant", "seed", "epoch"]].drop_duplicates()
-        if len(cells) == u.expected_rows:
-            last = g[g["epoch"] == u.config.epochs]
-            n_div = int(last["diverged"].fillna(False).astype(bool).sum()) if "diverged" in last else 0
-            done.setdefault(unit_id, {"run_id": run_id, "diverged": n_div, "members": len(last),
-                                      "all_diverged": n_div == len(last)})
-    return done
-
-
 # -- running ----------------------------------------------------------------------------
-def _cause(log: str) -> str:
-    """The line of a failed launch's output that says why: bnbench's own error first (rank 0's
-    if several), else the last line that mentions an error, else the last line."""
-    lines = [x.strip() for x in log.splitlines() if x.strip()]
-    ours = [x for x in lines if re.match(r"bnbench( \[rank \d+\])?: (error|terminated|interrupted)", x)]
-    errors = [x for x in lines if "error" in x.lower()]
-    return (ours[:1] or errors[-1:] or lines[-1:] or ["no output"])[0]
-
-
 class Progress:
     """Units and the epochs of the current unit: bars on a terminal, plain lines in logs, or quiet."""
 
@@ -225,23 +197,29 @@ class Runner:
                 raise
         if proc.returncode == 0:
             return None
-        return f"exit status {proc.returncode}: {_cause(log_path.read_text())} (log: {log_path})"
+        return f"exit status {proc.returncode}: {failure_cause(log_path.read_text())} (log: {log_path})"
 
     def close(self) -> None:
         os.close(self.events)
 
 
 def run_sweep(path, out=None, quiet: bool = False, data_root=None, dry_run: bool = False, max_units=None,
-              log_with=None) -> int:
+              log_with=None, executor=None) -> int:
     """Run every unit of the sweep file not yet done in its folder. Exit status: 0 all done, 1 something failed."""
     sweep = load_sweep(path)
     if max_units:
         sweep.settings["max_units"] = max_units
     if log_with:
         sweep.settings["log_with"] = log_with
+    if executor:
+        sweep.settings["executor"] = executor
     out = Path(out) if out else sweep.out
     if dry_run:
         return show_plan(sweep, out)
+    if sweep.settings.get("executor") == "slurm":
+        from .slurm import check_cluster
+
+        check_cluster(sweep.slurm)  # before the folder is touched, and before any job
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = FolderLock(out)
@@ -252,7 +230,11 @@ def run_sweep(path, out=None, quiet: bool = False, data_root=None, dry_run: bool
         return _run_locked(sweep, out, quiet, data_root)
 
 
-def _home_device() -> str:
+def _home_device(sweep: Sweep | None = None) -> str:
+    if sweep is not None and sweep.settings.get("executor") == "slurm":
+        from .slurm import home_device
+
+        return home_device(sweep.slurm)  # the nodes', not this machine's
     return "cuda" if _cuda_count() else "cpu"
 
 
@@ -270,7 +252,7 @@ def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
     message = repair_tail(out)
     if message:
         say(f"bnbench: repaired: {message}")
-    home = _home_device()
+    home = _home_device(sweep)
     units = plan(sweep, cuda_available=home == "cuda")
     write_atomic(out / PLAN_FILE, (json.dumps({"created": utcnow(), "file": str(sweep.path.resolve()),
                                                 "units": [u.to_dict() for u in units]}, indent=1) + "\n").encode())
@@ -291,8 +273,13 @@ def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
     runner = Runner(out, sweep.settings, data_root, progress)
     outcome = {}
     try:
-        for unit in todo:
-            outcome[unit.id] = runner.run(unit, home)
+        if sweep.settings.get("executor") == "slurm":
+            from .slurm import SlurmUnits
+
+            outcome = SlurmUnits(out, sweep.slurm, runner, progress).run(todo)
+        else:
+            for unit in todo:
+                outcome[unit.id] = runner.run(unit, home)
     finally:
         runner.close()
         progress.close()
@@ -324,6 +311,10 @@ def unit_table(out: Path, units: list[Unit], running: bool):
     events, event_problems = read_events(out)
     done = done_units(rows, units)
     recorded = rows.groupby("unit")["epoch"].max() if "unit" in rows else pd.Series(dtype=float)
+    if any(e.get("event") == "submitted" for e in events.values()):
+        from .slurm import queue, shown
+
+        jobs = queue()  # once: SLURM's state of every job
     table = []
     for u in units:
         last = events.get(u.id, {})
@@ -334,6 +325,8 @@ def unit_table(out: Path, units: list[Unit], running: bool):
             detail = f"{d['diverged']}/{d['members']} diverged" if d["diverged"] else ""
         elif u.error is not None or last.get("event") == "failed":
             state, detail = "failed", last.get("reason", u.error)
+        elif last.get("event") == "submitted":
+            state, detail, epochs = shown(out, u, last, jobs, running)
         elif last.get("event") == "start" and running:
             state, detail = "running", ""
         elif last.get("event") in ("start", "interrupted"):
@@ -346,7 +339,7 @@ def unit_table(out: Path, units: list[Unit], running: bool):
 
 
 def show_plan(sweep: Sweep, out: Path) -> int:
-    units = plan(sweep, cuda_available=_home_device() == "cuda")
+    units = plan(sweep, cuda_available=_home_device(sweep) == "cuda")
     table, problems = unit_table(out, units, running=False)
     print(f"sweep {sweep.path} -> {out}: {len(units)} units (dry run: nothing is run or written)")
     print(table.to_string(index=False))
@@ -370,7 +363,8 @@ def status(out: str | os.PathLike) -> int:
     table, problems = unit_table(out, units, running)
     counts = table["state"].value_counts()
     print(f"sweep {out} ({doc['file']}, planned {doc['created']}): {len(table)} units; "
-          + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "running", "failed", "interrupted", "left", "diverged")
+          + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "queued", "running", "submitted", "ended", "failed",
+                                                                "interrupted", "left", "diverged")
                       if counts.get(s, 0) or s in ("done", "left", "failed")))
     if running:
         print(f"  a sweep holds the folder now: {FolderLock(out).holder()}")

@@ -1,7 +1,8 @@
 """Sweep files: a TOML grid -> the units of a sweep, each with its config and id, checked key by key.
 
-    [sweep]  how the sweep runs (out, seeds_per_unit, repeats, data_root, dist_timeout)
+    [sweep]  how the sweep runs (out, seeds_per_unit, repeats, data_root, dist_timeout, executor)
     [fixed]  run options every unit shares; [grid] lists of values, one unit per combination
+    [slurm]  where units run with executor "slurm" (slurm.py): partition, time_min, ...
 
 The keys a sweep file may set and their kinds come from Config's declarations (config.py).
 """
@@ -14,7 +15,7 @@ import json
 import math
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -26,7 +27,11 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # [sweep] keys: how the sweep runs, not what a unit computes.
 SWEEP_KEYS = {"out": "str", "seeds_per_unit": "int", "repeats": "int", "data_root": "str", "dist_timeout": "float",
-              "max_units": "int", "log_with": "str"}
+              "max_units": "int", "log_with": "str", "executor": "str"}
+EXECUTORS = ("local", "slurm")  # where units run: this machine, or SLURM jobs (slurm.py)
+# [slurm] keys -> kind (gpus_per_node may be 0: CPU nodes); `additional`: free sbatch options, name = value.
+SLURM_KEYS = {"partition": "str", "time_min": "int", "gpus_per_node": "int", "cpus_per_task": "int", "mem_gb": "float",
+              "account": "str", "array_parallelism": "int", "additional": "table"}
 # A sweep's units are planned, listed and written to plan.json before any runs: 10,000 plan in a few
 # seconds; a grid of 10^6 once took 46 s and 3 GB to list and wrote a 351 MB plan. Raise it on purpose.
 MAX_UNITS = 10_000
@@ -75,6 +80,7 @@ class Sweep:
     settings: dict  # [sweep]
     fixed: dict
     grid: dict  # key -> list of choices (a choice: a value, or a dict of options for a group key)
+    slurm: dict = field(default_factory=dict)  # [slurm]
 
     @property
     def out(self) -> Path:
@@ -133,8 +139,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for key in doc:
-        if key not in ("sweep", "fixed", "grid"):
-            raise _unknown(f"{path}", key, ["sweep", "fixed", "grid"])
+        if key not in ("sweep", "fixed", "grid", "slurm"):
+            raise _unknown(f"{path}", key, ["sweep", "fixed", "grid", "slurm"])
         if not isinstance(doc[key], dict):
             raise ConfigError(f"{path}: {key} must be a table ([{key}]), got {doc[key]!r}")
     settings = {}
@@ -146,6 +152,9 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             want = "a string" if kind == "str" else f"a positive {'integer' if kind == 'int' else 'number'}"
             raise ConfigError(f"sweep.{key}: expected {want}, got {value!r}")
         settings[key] = value
+    if settings.get("executor", "local") not in EXECUTORS:
+        raise ConfigError(f"sweep.executor: unknown executor {settings['executor']!r}; valid: {', '.join(EXECUTORS)}")
+    slurm = _check_slurm(doc.get("slurm", {}))
     fixed = {}
     for key, value in doc.get("fixed", {}).items():
         if key not in OPTION_KEYS:
@@ -179,7 +188,25 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             if option in set_by:
                 raise ConfigError(f"grid.{key} and grid.{set_by[option]} both set {option}: set each option in one place")
             set_by[option] = key
-    return Sweep(path, text, settings, fixed, grid)
+    return Sweep(path, text, settings, fixed, grid, slurm)
+
+
+def _check_slurm(table: dict) -> dict:
+    for key, value in table.items():
+        if key not in SLURM_KEYS:
+            raise _unknown("slurm", key, list(SLURM_KEYS))
+        kind = SLURM_KEYS[key]
+        if kind == "table":
+            if not isinstance(value, dict):
+                raise ConfigError(f"slurm.{key}: expected a table of sbatch options (name = value), got {value!r}")
+            for name, v in value.items():
+                if not isinstance(v, (str, int, float, bool)):
+                    raise ConfigError(f"slurm.{key}.{name}: expected a string, number or true, got {v!r}")
+        elif not (_is(kind, value) and (kind == "str" or value > 0 or (key == "gpus_per_node" and value == 0))):
+            sign = "non-negative" if key == "gpus_per_node" else "positive"
+            want = "a string" if kind == "str" else f"a {sign} {'integer' if kind == 'int' else 'number'}"
+            raise ConfigError(f"slurm.{key}: expected {want}, got {value!r} ({type(value).__name__})")
+    return dict(table)
 
 
 def _seed_label(seeds: tuple[int, ...]) -> str:
