@@ -33,7 +33,7 @@ REPO = HERE.parent
 README = REPO / "README.md"
 NOTEBOOK = REPO.parent / "shared" / "reference" / "lab-9-4-batchnorm-notebook.txt"
 BENCH = HERE / "bench" / "Linux-CPython-3.11-64bit"
-STEP_BENCH = BENCH / "0001_5eac93de30322c4f2d8995277f70fef8ea4d6991_20261126_110113_uncommitted-changes.json"
+STEP_BENCH = BENCH / "0004_ebe7c12621cb4f3b0fd30b4be5d748a672bc354b_20261128_141338_uncommitted-changes.json"
 REPORT_BENCH = BENCH / "0002_74a23a02daea622544872f755df48729f15b0d9a_20261126_124234_uncommitted-changes.json"
 INSTRUMENT_BENCH = BENCH / "0003_instruments.json"
 TARGET = 0.97
@@ -270,6 +270,15 @@ def instrument_cost() -> str:
         f"`instrument_seconds` is {parts[0]} and {parts[1]}.")
 
 
+def _compile_verdict(compiled: float, eager: float, compile_s: float) -> str:
+    """Whether --compile pays for its compilation, and from how many steps on."""
+    if compiled >= eager:
+        return "it does not pay, and stays off by default."
+    steps = compile_s / ((eager - compiled) / 1e3)
+    return (f"it pays from about {steps:,.0f} steps on (a default run has 9,000), so it stays off by "
+            f"default.")
+
+
 def perf_table() -> str:
     b = bench(STEP_BENCH)
     rate = lambda k: b[k][1]["member_samples_per_s"]
@@ -282,9 +291,9 @@ def perf_table() -> str:
     limit = gflops * 1e9 / flop
     ms = lambda k: b[k][0] * 1e3
     return "\n".join([
-        f"Its closing table, from `reports/bench/…0001…json` (this 2-core AMD EPYC VM, torch 2.14.1, "
-        f"{bench_date(STEP_BENCH)}; this VM's 2048² matmul ran at {gflops:.0f} GFLOP/s that day, well below the "
-        f"~300 GFLOP/s measured on it on other days — compare ratios, not absolute figures, and expect ±15% between "
+        f"Its closing table, from `reports/bench/…{STEP_BENCH.name[:4]}…json` (this 2-core AMD EPYC VM, torch 2.14.1, "
+        f"{bench_date(STEP_BENCH)}; this VM's 2048² matmul ran at {gflops:.0f} GFLOP/s that day, where 100 to ~330 "
+        f"GFLOP/s were measured on other days and hosts — compare ratios, not absolute figures, and expect ±15% between "
         f"runs on this VM):",
         "",
         "| measured in one session (`./launch.sh bench`) | result |",
@@ -312,10 +321,11 @@ def perf_table() -> str:
         f"| both torch threads | `test_default_step_threads` | {ms('test_default_step_threads[2]'):.1f} ms per default "
         f"step (2) | {ms('test_default_step_threads[1]'):.1f} ms (1) |",
         "",
-        f"On one repeated batch `torch.compile` shortens a stacked BN step (K = 5: {ms('test_step_compile[compile-5]'):.2f} "
-        f"vs {ms('test_step_compile[eager-5]'):.2f} ms; K = 32: {ms('test_step_compile[compile-32]'):.1f} vs "
-        f"{ms('test_step_compile[eager-32]'):.1f} ms; `test_step_compile`, compilation "
-        f"{b['test_step_compile[compile-5]'][1]['compile_s']:.1f} and {b['test_step_compile[compile-32]'][1]['compile_s']:.1f} s).",
+        f"`--compile` (torch.compile) against eager on one repeated batch, a stacked BN step (`test_step_compile`): "
+        f"K = 5 {ms('test_step_compile[compile-5]'):.2f} vs {ms('test_step_compile[eager-5]'):.2f} ms, K = 32 "
+        f"{ms('test_step_compile[compile-32]'):.1f} vs {ms('test_step_compile[eager-32]'):.1f} ms, after "
+        f"{b['test_step_compile[compile-5]'][1]['compile_s']:.1f} and {b['test_step_compile[compile-32]'][1]['compile_s']:.1f} s "
+        f"of compilation: {_compile_verdict(ms('test_step_compile[compile-5]'), ms('test_step_compile[eager-5]'), b['test_step_compile[compile-5]'][1]['compile_s'])}",
     ])
 
 
@@ -326,7 +336,7 @@ def sync_bn_cost() -> str:
     s8, b8 = ms("test_train_step[sync-bn-stacked-K8]"), ms("test_train_step[bn-stacked-K8]")
     return (f"Without communication, sync-BN's own arithmetic costs {s32 / b32 - 1:+.0%} per step at 32 members "
             f"and {s8 / b8 - 1:+.0%} at 8 against BN's `F.batch_norm` ({s32:.2f} against {b32:.2f} ms, {s8:.2f} against "
-            f"{b8:.2f} ms; medians of `test_train_step` in `reports/bench/…0001…json`, `bench/test_step.py`, "
+            f"{b8:.2f} ms; medians of `test_train_step` in `reports/bench/…{STEP_BENCH.name[:4]}…json`, `bench/test_step.py`, "
             f"{bench_date(STEP_BENCH)}).")
 
 
