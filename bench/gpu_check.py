@@ -124,9 +124,11 @@ class OnDDP(OnCpu):
     def __init__(self, device):
         self.device, self.process_index = device, dist.get_rank()
 
-    def prepare(self, net, opt):
+    def prepare(self, *objs):
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False), opt
+        wrapped = [nn.parallel.DistributedDataParallel(o, device_ids=ids, broadcast_buffers=False)
+                   if isinstance(o, nn.Module) else o for o in objs]  # modules DDP-wrapped, optimizers as they are
+        return wrapped if len(wrapped) > 1 else wrapped[0]
 
     def unwrap_model(self, model):
         return getattr(model, "module", model)
