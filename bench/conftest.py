@@ -94,10 +94,6 @@ def pytest_terminal_summary(terminalreporter, config):
         limit = gflops * 1e9 / FLOP_PER_MEMBER_SAMPLE
         lines.append(f"{'arithmetic limit at this matmul rate':48s} {limit:>12,.0f} member-samples/s  "
                      f"({gflops:.0f} GFLOP/s / {FLOP_PER_MEMBER_SAMPLE / 1e3:.0f} kFLOP); best reached {best / limit:.0%}")
-    proto, default = rate("test_paired_step_prototype"), rate("test_default_step_threads[2]")
-    if proto and default:
-        lines.append(f"{'paired-variants prototype vs the default step':48s} {proto:>12,.0f} vs {default:,.0f} "
-                     f"member-samples/s: {proto / default:.2f}x (bench/test_paired_prototype.py)")
     off, on = rate("test_instrument_overhead[off]"), rate("test_instrument_overhead[on]")
     if off and on:
         lines.append(f"{'--instrument, ioffe2015 net, default cadence':48s} {on:>12,.0f} vs {off:,.0f} member-samples/s off: "

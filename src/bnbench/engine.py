@@ -4,9 +4,10 @@
     bnbench run --engine reference   # one nn.Sequential per member, stepped like the lab
 
 Engines
-  stacked    all members of one variant in one StackedMLP: one baddbmm per layer,
-             one F.batch_norm per BN layer; one backward and one fused Adam for both
-             variants' stacks (elementwise, so = one Adam per member).
+  stacked    all members in one StackedMLP (one per variant with --bn-drop-bias or
+             --instrument): a first-layer GEMM per seed for its BN and no-BN members,
+             one baddbmm per later layer, one F.batch_norm per BN layer; one backward
+             and one fused Adam (elementwise, so = one Adam per member).
   reference  one torch.nn.Sequential + optimizer per member, the lab's loop.
 Both see the same batches: per seed and epoch one permutation, shared by the
 bn and nobn members of that seed, drop_last like the lab.
@@ -61,13 +62,29 @@ def make_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Opti
 
 def stacked_losses(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """[K] mean cross-entropy per member: xb [S=K, b, 784], yb [K, b]."""
-    logits = model(xb)  # [K, b, 10], a view of [K, 10, b]: cross_entropy takes that as it is
-    return F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)
+    logits = model(xb)  # [K*V, b, 10] (V variants per seed), a view of [K*V, 10, b]: cross_entropy takes that as it is
+    labels = yb.repeat(logits.shape[0] // yb.shape[0], 1)  # variant-major, as the members
+    return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
 
 
 def reference_losses(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """[1]: exactly the lab's step on this member's batch (xb [1, b, 784])."""
     return F.cross_entropy(model(xb[0]), yb[0]).unsqueeze(0)
+
+
+def _step_of(opt) -> Callable:
+    """The optimizer's step. Accelerate's AcceleratedOptimizer.step looks for an optional package
+    (lomo_optim) on every call, 0.2-0.3 ms of a 7.3 ms default step (accelerate 1.15, 2026-11-28);
+    with no GradScaler, no XLA and no gradient accumulation (bnbench has none) it does nothing but
+    call the wrapped step, so that is called."""
+    from accelerate.utils import DistributedType
+
+    inner = getattr(opt, "optimizer", None)
+    if inner is None or getattr(opt, "scaler", None) is not None:
+        return opt.step
+    if opt.accelerator_state.distributed_type == DistributedType.XLA or not opt.gradient_state.sync_gradients:
+        return opt.step
+    return inner.step
 
 
 @dataclass
@@ -124,6 +141,17 @@ class Trainer:
                  for s in dict.fromkeys(self.seeds)}
         built = []  # (variant, members, rows, net, losses): the stacks, before they get optimizers
         row = 0
+        # Both variants of each seed in ONE StackedMLP: one first-layer GEMM per seed for its BN and
+        # no-BN members (models.StackedMLP). Not with drop_bias (the variants' layers differ) nor
+        # with instruments (they measure a stack of one variant).
+        pair = (cfg.engine == "stacked" and shared and len(lists) > 1 and not cfg.bn_drop_bias
+                and not cfg.instrument)
+        if pair:
+            net = StackedMLP([inits[s] for s in self.seeds], bn=tuple(v == "bn" for v in by_variant),
+                             activation=cfg.activation, sync_bn=self.sync_bn, group=self.group)
+            built.append((",".join(by_variant), slice(0, len(self.members)), slice(0, len(self.seeds)), net,
+                          stacked_losses))
+            by_variant = {}
         for v, seeds in by_variant.items():
             if not seeds:
                 continue
@@ -148,7 +176,7 @@ class Trainer:
         else:
             opts = [make_optimizer(cfg, n.parameters()) for n in nets]  # the lab's: one per member
         self.stacks: list[Stack] = []
-        self.groups: list[tuple[torch.optim.Optimizer, list[Stack]]] = []  # each optimizer and the stacks it steps
+        self.groups: list[tuple[torch.optim.Optimizer, Callable, list[Stack]]] = []  # optimizer, its step, its stacks
         if self.mesh.layout.seed_groups == 1:  # Accelerate's optimizer over the world's models (as prepare(net, opt))
             prepared = {id(o): self.accelerator.prepare(o) for o in opts}
             opts = [prepared[id(o)] for o in opts]
@@ -184,9 +212,9 @@ class Trainer:
         stack = Stack(variant, members, rows, model, opt, self.accelerator.unwrap_model(model), losses, eager)
         self.stacks.append(stack)
         if self.groups and self.groups[-1][0] is opt:
-            self.groups[-1][1].append(stack)
+            self.groups[-1][2].append(stack)
         else:
-            self.groups.append((opt, [stack]))
+            self.groups.append((opt, _step_of(opt), [stack]))
 
     def warm_up(self) -> float:
         """With --compile: compile every stack's forward and backward on the first batch, then
@@ -233,7 +261,7 @@ class Trainer:
         """One optimizer step of every member; adds each member's batch loss to loss_sum (on the device).
         One backward and one update per optimizer (the stacked engine has one for all its stacks)."""
         probe = self.instruments
-        for opt, stacks in self.groups:
+        for opt, update, stacks in self.groups:
             opt.zero_grad(set_to_none=True)
             losses = [u.losses(u.model, xb[u.rows], yb[u.rows]) for u in stacks]  # views of the batch
             total = losses[0].sum()
@@ -244,7 +272,7 @@ class Trainer:
             if probe is not None:
                 for u in stacks:
                     probe.before_step(u, xb[u.rows], yb[u.rows], self.steps_done)
-            opt.step()
+            update()
             for u, member_losses in zip(stacks, losses):
                 if probe is not None:
                     probe.after_step(u, xb[u.rows], yb[u.rows], self.steps_done)

@@ -75,131 +75,175 @@ def reference_mlp(
 
 
 class StackedMLP(nn.Module):
-    """K independent MLPs of one architecture as one module.
+    """The members of K seeds x V variants (V = len(bn): each variant with or without BN) as one module.
 
-    Weights are stacked as [K, out, in] (nn.Linear's layout) and activations run
-    transposed, [K, C, B]: one torch.baddbmm per layer computes W x^T for every
-    member, and per-member BN is ONE F.batch_norm over K*C channels of the same
-    memory viewed as [1, K*C, B], each (member, unit) a channel. The [K, B, C]
-    layout needed a transposing copy in and out of every BN layer, forward and
-    backward; this one, with engine.Trainer's single backward and optimizer for
-    both variants, took a default step from 9.7 to 7.7 ms (2 cores, 2026-11-28).
-    Members share nothing: gradients, BN statistics and (elementwise) Adam
-    states of one member never touch another's. Parameters are stored [K, padded n]
-    (ALIGN_BYTES); weight(i), bias(i) and bn_affine(i) are the views the layers use.
+    Members are numbered variant-major outside (k = v*K + s, engine.Trainer's order) and stored
+    seed-major inside (m = s*V + v): the V members of a seed see the same batch, so their first
+    layers are ONE GEMM per seed, [V*out, in] x [in, B] (the layer with most of the FLOPs, its input
+    read once), and every later layer one torch.baddbmm over all K*V members. Weights are [out, in]
+    (nn.Linear's layout) and activations run transposed, [members, C, B], so that per-member BN is
+    ONE F.batch_norm over the BN members' K*C channels viewed as [1, K*C, B]: no copy when every
+    member has BN, one out of the interleaved layout and a cat back when some have not. Measured on
+    the default step (2 cores, 2026-11-28): the [K, B, C] layout with one module per variant 9.7 ms,
+    this layout one module per variant 7.7 ms (8.7-9.0 ms in bench/), both variants in one 7.2-7.6 ms
+    (bench/), bitwise the same rows. Members share nothing: gradients, BN statistics and (elementwise) Adam states of one
+    member never touch another's. Parameters are stored [members, padded n] (ALIGN_BYTES), so a
+    member's arithmetic is the same in a module of any size; weight(i), bias(i) and bn_affine(i)
+    are the views the layers use.
     """
 
     def __init__(
         self,
         member_inits: list[list[tuple[torch.Tensor, torch.Tensor]]],
-        bn: bool,
+        bn: bool | tuple[bool, ...],
         activation: str = "relu",
         sync_bn: bool = False,
         drop_bias: bool = False,
         group=None,
     ):
         super().__init__()
-        self.k = len(member_inits)
-        self.bn = bn
+        self.variants = (bn,) if isinstance(bn, bool) else tuple(bn)  # BN or not, per variant
+        self.seeds, v = len(member_inits), len(self.variants)
+        self.k = self.seeds * v  # members
+        self.bn = any(self.variants)
+        self.bn_slot = [i for i, b in enumerate(self.variants) if b]
+        if len(self.bn_slot) > 1 and v > len(self.bn_slot):
+            raise ValueError("a StackedMLP holds one BN variant, or only BN variants")
+        if drop_bias and self.bn and v > 1:
+            raise ValueError("drop_bias: hold the BN and the no-BN members in separate StackedMLPs")
         self.sync_bn = sync_bn  # training statistics over every process's batch (distributed.sync_batch_norm)
         self.group = group  # ... of this data-parallel process group (None: the world)
         self.activation = activation
         self.act = ACTIVATION_FUNCTIONS[activation]
         n_layers = len(member_inits[0])
         self.shapes = [tuple(member_inits[0][i][0].shape) for i in range(n_layers)]  # (out, in) per layer
-        self.weights = nn.ParameterList(
-            _stacked_parameter([m[i][0] for m in member_inits]) for i in range(n_layers)
-        )
+        inside = [m for m in member_inits for _ in range(v)]  # seed-major: every seed's V members start alike
+        self.weights = nn.ParameterList(_stacked_parameter([m[i][0] for m in inside]) for i in range(n_layers))
         # drop_bias: hidden layers of a BN net have no Linear bias (see reference_mlp); biases[j] is
         # then the j-th layer that has one, and bias_index maps layer -> j (or None).
-        has_bias = [not (bn and drop_bias and i < n_layers - 1) for i in range(n_layers)]
+        has_bias = [not (self.bn and drop_bias and i < n_layers - 1) for i in range(n_layers)]
         self.bias_index = [sum(has_bias[:i]) if has_bias[i] else None for i in range(n_layers)]
         self.biases = nn.ParameterList(
-            _stacked_parameter([m[i][1] for m in member_inits]) for i in range(n_layers) if has_bias[i]
+            _stacked_parameter([m[i][1] for m in inside]) for i in range(n_layers) if has_bias[i]
         )
         self.widths = [out for out, _ in self.shapes]
         dtype = self.weights[0].dtype
-        if bn:
-            kc = [self.k * c for c in self.widths[:-1]]
-            ones = [[torch.ones(c, dtype=dtype)] * self.k for c in self.widths[:-1]]
+        if self.bn:  # the BN members': seeds x BN variants (one of them, or all of one)
+            nb = self.seeds * len(self.bn_slot)
+            ones = [[torch.ones(c, dtype=dtype)] * nb for c in self.widths[:-1]]
             self.bn_weight = nn.ParameterList(_stacked_parameter(p) for p in ones)
             self.bn_bias = nn.ParameterList(_stacked_parameter([torch.zeros_like(x) for x in p]) for p in ones)
-            for i, n in enumerate(kc):
-                self.register_buffer(f"running_mean{i}", torch.zeros(n, dtype=dtype))
-                self.register_buffer(f"running_var{i}", torch.ones(n, dtype=dtype))
+            for i, c in enumerate(self.widths[:-1]):
+                self.register_buffer(f"running_mean{i}", torch.zeros(nb * c, dtype=dtype))
+                self.register_buffer(f"running_var{i}", torch.ones(nb * c, dtype=dtype))
                 self.register_buffer(f"num_batches_tracked{i}", torch.tensor(0, dtype=torch.long))
 
     def _bn(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """h: [K, C, B] (contiguous) -> per-member batch norm over B, [K, C, B]: no copy either way."""
-        k, c, b = h.shape
+        """h: [members, C, B] (contiguous, seed-major) -> per-member batch norm over B for the BN members."""
+        m, c, b = h.shape
+        v = len(self.variants)
+        mixed = v > len(self.bn_slot)
+        if mixed:  # the BN variant's members, one per seed, out of the interleaved layout
+            slot = self.bn_slot[0]
+            part = h.view(self.seeds, v, c, b)[:, slot]
+        else:
+            part = h
+        n = part.shape[0]
         if self.training:
             getattr(self, f"num_batches_tracked{i}").add_(1)
-        flat = h.view(1, k * c, b)  # F.batch_norm's [N, C, L]: statistics over N*L = B per channel
+        flat = part.reshape(1, n * c, b)  # F.batch_norm's [N, C, L]: statistics over N*L = B per channel
         weight, bias = self.bn_affine(i)
         mean, var = getattr(self, f"running_mean{i}"), getattr(self, f"running_var{i}")
         if self.training and self.sync_bn:
-            out = sync_batch_norm(flat[0].t(), mean, var, weight, bias, BN_MOMENTUM, BN_EPS, self.group)  # [B, K*C]
-            return out.t().reshape(k, c, b)
-        out = F.batch_norm(flat, mean, var, weight, bias, training=self.training, momentum=BN_MOMENTUM, eps=BN_EPS)
-        return out.view(k, c, b)
+            out = sync_batch_norm(flat[0].t(), mean, var, weight, bias, BN_MOMENTUM, BN_EPS, self.group)  # [B, n*C]
+            out = out.t().reshape(n, c, b)
+        else:
+            out = F.batch_norm(flat, mean, var, weight, bias, training=self.training, momentum=BN_MOMENTUM,
+                               eps=BN_EPS).view(n, c, b)
+        if not mixed:
+            return out
+        grouped = h.view(self.seeds, v, c, b)
+        parts = [grouped[:, :slot], out.unsqueeze(1), grouped[:, slot + 1 :]]
+        return torch.cat([x for x in parts if x.shape[1]], 1).view(m, c, b)
 
     def weight(self, i: int) -> torch.Tensor:
-        """Layer i's weights [K, out, in] (a view of the padded storage)."""
+        """Layer i's weights [members (seed-major), out, in] (a view of the padded storage)."""
         fout, fin = self.shapes[i]
         return _unpadded(self.weights[i], fout * fin).view(self.k, fout, fin)
 
     def bias(self, i: int) -> torch.Tensor | None:
-        """Layer i's biases [K, out, 1] (a column: activations are [K, C, B]), or None (drop_bias)."""
+        """Layer i's biases [members (seed-major), out, 1] (a column: activations are [members, C, B]), or None."""
         j = self.bias_index[i]
         return None if j is None else _unpadded(self.biases[j], self.widths[i]).view(self.k, self.widths[i], 1)
 
     def bn_affine(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """BN layer i's scale and shift over K*C channels (a copy only where C needed padding)."""
+        """BN layer i's scale and shift over the BN members' channels (a copy only where C needed padding)."""
         c = self.widths[i]
         return _unpadded(self.bn_weight[i], c).reshape(-1), _unpadded(self.bn_bias[i], c).reshape(-1)
 
+    def _outside(self, t: torch.Tensor) -> torch.Tensor:
+        """[members seed-major, ...] -> [members variant-major, ...] (a copy only when V > 1)."""
+        v = len(self.variants)
+        if v == 1:
+            return t
+        return t.view(self.seeds, v, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
     def forward(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
-        """x: [K, B, in] (each member its own batch) or [B, in] (one batch for all). Returns [K, B, out]
-        (a transposed view of [K, out, B]). taps: a list that receives each hidden layer's input to
-        the nonlinearity, [K, B, C] (views)."""
+        """x: [K, B, in] (one batch per seed, shared by its variants) or [B, in] (one batch for all).
+        Returns [members, B, out] in variant-major order (a transposed view of [members, out, B]).
+        taps: a list that receives each hidden layer's input to the nonlinearity, [members, B, C]."""
         last = len(self.weights) - 1
+        v = len(self.variants)
         h = x.transpose(-1, -2)  # [K, in, B]: a view; the GEMMs take it transposed
         for i in range(len(self.weights)):
             w, b = self.weight(i), self.bias(i)
-            if x.dim() == 2 and i == 0:
-                # Shared input (evaluation): one GEMM against all members' weights stacked, [K*out, in].
+            fout, fin = self.shapes[i]
+            if i == 0 and x.dim() == 2:
+                # Shared input (evaluation): one GEMM against all members' weights stacked, [members*out, in].
                 # x W^T then a transposing copy: 44 ms for 10,000 samples x 5 members, W x^T 58 ms.
-                w2 = w.reshape(-1, w.shape[-1]).t()
+                w2 = w.reshape(-1, fin).t()
                 h = torch.addmm(b.reshape(1, -1), x, w2) if b is not None else x @ w2
-                h = h.t().contiguous().view(self.k, w.shape[1], -1)
+                h = h.t().contiguous().view(self.k, fout, -1)
+            elif i == 0:
+                # One GEMM per seed for its V members: [K, V*out, in] x [K, in, B].
+                w1 = w.reshape(self.seeds, v * fout, fin)
+                b1 = None if b is None else b.reshape(self.seeds, v * fout, 1)
+                h = torch.baddbmm(b1, w1, h) if b1 is not None else torch.bmm(w1, h)
+                h = h.view(self.k, fout, -1)
             else:
                 h = torch.baddbmm(b, w, h) if b is not None else torch.bmm(w, h)
             if i < last:
                 if self.bn:
                     h = self._bn(i, h)
                 if taps is not None:
-                    taps.append(h.transpose(1, 2))
+                    taps.append(self._outside(h).transpose(1, 2))
                 h = self.act(h)
-        return h.transpose(1, 2)
+        return self._outside(h).transpose(1, 2)
 
     def _member_views(self, k: int) -> dict[str, torch.Tensor]:
-        """Member k's tensors under the keys of reference_mlp(...).state_dict(), as views into
-        the stacked ones (one place for the layout, read by both directions below)."""
+        """Member k's tensors (k variant-major, as the engine numbers them) under the keys of
+        reference_mlp(...).state_dict(), as views into the stacked ones (one place for the layout,
+        read by both directions below)."""
+        v, s = divmod(k, self.seeds)
+        m = s * len(self.variants) + v  # its row inside
+        bn = self.variants[v]
         views: dict[str, torch.Tensor] = {}
         idx, last = 0, len(self.weights) - 1
         for i in range(len(self.weights)):
-            views[f"{idx}.weight"] = self.weight(i)[k]
+            views[f"{idx}.weight"] = self.weight(i)[m]
             if self.bias(i) is not None:
-                views[f"{idx}.bias"] = self.bias(i)[k, :, 0]
+                views[f"{idx}.bias"] = self.bias(i)[m, :, 0]
             idx += 1
             if i < last:
-                if self.bn:
-                    sl = slice(k * self.widths[i], (k + 1) * self.widths[i])
-                    views[f"{idx}.weight"] = self.bn_weight[i][k, : self.widths[i]]
-                    views[f"{idx}.bias"] = self.bn_bias[i][k, : self.widths[i]]
+                if bn:
+                    c = self.widths[i]
+                    r = s * len(self.bn_slot) + self.bn_slot.index(v)  # its row among the BN members
+                    sl = slice(r * c, (r + 1) * c)
+                    views[f"{idx}.weight"] = self.bn_weight[i][r, :c]
+                    views[f"{idx}.bias"] = self.bn_bias[i][r, :c]
                     views[f"{idx}.running_mean"] = getattr(self, f"running_mean{i}")[sl]
                     views[f"{idx}.running_var"] = getattr(self, f"running_var{i}")[sl]
-                    views[f"{idx}.num_batches_tracked"] = getattr(self, f"num_batches_tracked{i}")  # shared by all k
+                    views[f"{idx}.num_batches_tracked"] = getattr(self, f"num_batches_tracked{i}")  # shared by all
                     idx += 1
                 idx += 1  # the activation
         return views
