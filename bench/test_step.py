@@ -73,17 +73,22 @@ def test_step_compile(benchmark, mnist, accelerator, k, mode):
     benchmark.extra_info["member_samples_per_s"] = k * trainer.batch / benchmark.stats.stats.median
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, True, "direct"])
 def test_optimizer_step(benchmark, mnist, accelerator, fused):
-    """Adam over one stacked unit (5 members): the fused kernel against the for-each one."""
-    from bnbench.engine import make_optimizer
+    """Adam over one stacked unit (5 members): the for-each kernel, the fused one through
+    Adam.step, and the fused one called as the engine calls it (optim.FusedAdamStep)."""
+    from bnbench.optim import FusedAdamStep, make_optimizer
 
     trainer, _ = _default_step(mnist, accelerator, variants=("bn",))
     params = list(trainer.stacks[0].net.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
-    opt = make_optimizer(trainer.cfg, params, fused=fused)
-    benchmark.pedantic(opt.step, rounds=30, iterations=10, warmup_rounds=3)
+    opt = make_optimizer(trainer.cfg, params, fused=bool(fused))
+    step = opt.step
+    if fused == "direct":
+        step = FusedAdamStep(opt)
+        step()  # Adam.step makes the state; from here on the direct call
+    benchmark.pedantic(step, rounds=30, iterations=10, warmup_rounds=3)
 
 
 @pytest.mark.parametrize("how", ["index_select", "indexing"])

@@ -145,3 +145,64 @@ def test_compile_changes_nothing_but_rounding(mnist_cpu, accelerator):
     for s in (0, 1):
         a, b = eager.member_state("bn", s), compiled.member_state("bn", s)
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-12
+
+
+FUSED_CASES = {
+    "lab": dict(),  # both variants of each seed in one module (one GEMM per seed)
+    "bn-only": dict(variants=("bn",)),
+    "nobn-only-tanh": dict(variants=("nobn",), activation="tanh"),
+    "drop-bias-sigmoid": dict(bn_drop_bias=True, activation="sigmoid"),  # one module per variant
+    "float64-sgd": dict(dtype="float64", optimizer="sgd", lr=0.05, momentum=0.9),
+    "wide-3-layers": dict(hidden=(24, 16, 8), seeds=(0,)),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_hand_written_step_is_autograd_and_adam_bitwise(mnist_cpu, accelerator, case):
+    """What a training step runs (fused.StackedLosses' backward, optim.FusedAdamStep) against what
+    it replaces (autograd through StackedMLP.forward, the optimizer's own step): equal bit for bit,
+    gradients after one step, then every parameter, buffer and loss after 40."""
+    from bnbench.engine import fused_stacked_losses, stacked_losses
+    from bnbench.optim import FusedAdamStep
+
+    kw = {**dict(seeds=(0, 1)), **FUSED_CASES[case]}
+    splits = subset(mnist_cpu[kw.get("dtype", "float32")], 4000, 100)  # 40 steps an epoch
+    fast, plain = (Trainer(make_config(**kw), splits, accelerator) for _ in range(2))
+    for u in plain.stacks:
+        u.losses = stacked_losses
+    plain.groups = [(opt, zero, opt.step, stacks) for opt, zero, _, stacks in plain.groups]
+    order = fast.epoch_order(1)
+    sums = [torch.zeros(len(fast.members), dtype=torch.float64) for _ in range(2)]
+    for t in range(40):
+        for tr, ls in zip((fast, plain), sums):
+            tr.step(*tr.batch_at(order, t), ls)
+        if t == 0:
+            for a, b in zip(fast.stacks, plain.stacks):
+                for (name, p), q in zip(a.net.named_parameters(), b.net.parameters()):
+                    assert torch.equal(p.grad, q.grad), f"{case}: gradient of {name} after one step"
+    assert torch.equal(*sums), case
+    for member in fast.members:
+        a, b = fast.member_state(*member), plain.member_state(*member)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{case}: {member} after 40 steps"
+    xb, yb = fast.batch_at(fast.epoch_order(2), 0)
+    for u in fast.stacks:  # the hand-written paths are the ones taken
+        assert u.losses is fused_stacked_losses
+        assert type(u.losses(u.model, xb[u.rows], yb[u.rows]).grad_fn).__name__ == "StackedLossesBackward"
+    assert all(isinstance(update, FusedAdamStep) == (fast.cfg.optimizer == "adam") for _, _, update, _ in fast.groups)
+
+
+def test_fused_adam_step_gives_way_to_hooks_and_missing_gradients(accelerator, mnist_cpu):
+    from bnbench.optim import FusedAdamStep
+
+    t = Trainer(make_config(seeds=(0,)), subset(mnist_cpu["float32"], 500, 100), accelerator)
+    ((opt, _, update, _),) = t.groups
+    assert isinstance(update, FusedAdamStep)
+    calls = []
+    handle = update.opt.register_step_pre_hook(lambda *a: calls.append(1))
+    order = t.epoch_order(1)
+    t.step(*t.batch_at(order, 0), torch.zeros(2, dtype=torch.float64))
+    t.step(*t.batch_at(order, 1), torch.zeros(2, dtype=torch.float64))
+    handle.remove()
+    assert calls == [1, 1], "Adam's step hooks must run: the step goes through Adam.step while any is registered"
+    steps = [update.opt.state[p]["step"].item() for p in update.opt.param_groups[0]["params"]]
+    assert steps == [2.0] * len(steps)

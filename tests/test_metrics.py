@@ -52,3 +52,14 @@ def test_eval_uses_running_statistics(accelerator, mnist_cpu):
     t.cfg = make_config(seeds=(0,), epochs=1, variants=("bn",), eval_batch=7)
     b = t.evaluate(splits.test_x, splits.test_y)
     assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0], rtol=1e-6)
+
+
+def test_max_indices_are_argmax_with_ties_and_nan():
+    # evaluate counts a sample correct by max(1).indices (faster on the strided class axis): the
+    # first maximal class, as argmax, ties and NaN included.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (6, 10, 5000), generator=g).float()  # many ties
+    logits[2, 3, ::7] = float("nan")
+    logits[4, :, ::11] = 1.0  # all ten tied
+    assert torch.equal(logits.max(1).indices, logits.argmax(1))
+    assert (logits.max(1).indices[4, ::11] == 0).all() and (logits.max(1).indices[2, ::7] == 3).all()

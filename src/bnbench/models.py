@@ -188,10 +188,18 @@ class StackedMLP(nn.Module):
             return t
         return t.view(self.seeds, v, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
-    def forward(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, taps: list | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: [K, B, in] (one batch per seed, shared by its variants) or [B, in] (one batch for all).
         Returns [members, B, out] in variant-major order (a transposed view of [members, out, B]).
-        taps: a list that receives each hidden layer's input to the nonlinearity, [members, B, C]."""
+        taps: a list that receives each hidden layer's input to the nonlinearity, [members, B, C].
+        labels [K, B]: returns instead each member's mean cross-entropy [members] (variant-major);
+        in training without sync BN through fused.StackedLosses (bitwise the same, faster)."""
+        if labels is not None:
+            if self.training and not (self.sync_bn and self.bn) and taps is None and x.dim() == 3:
+                from .fused import fused_losses
+
+                return fused_losses(self, x, labels)
+            return member_losses(self.forward(x, taps), labels)
         last = len(self.weights) - 1
         v = len(self.variants)
         h = x.transpose(-1, -2)  # [K, in, B]: a view; the GEMMs take it transposed
@@ -261,6 +269,13 @@ class StackedMLP(nn.Module):
             raise KeyError(f"state keys {sorted(state)} do not match {sorted(views)}")
         for key, v in views.items():
             v.copy_(state[key])
+
+
+def member_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[members] mean cross-entropy: logits [members, b, 10] (variant-major), labels [seeds, b]
+    (each seed's batch, shared by its variants; repeated variant-major, as the members)."""
+    labels = labels.repeat(logits.shape[0] // labels.shape[0], 1)
+    return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)  # [K, 10, b]: taken as it is
 
 
 # -- what the instruments read: layers, their parameters, the inputs to the nonlinearities ----------

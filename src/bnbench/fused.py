@@ -1,0 +1,208 @@
+"""A StackedMLP's training losses with a hand-written backward: one autograd node per step.
+
+Through StackedMLP.forward, a default step builds ~40 autograd nodes (GEMMs, views of the stacked
+parameters, BN, the copies in and out of the BN half, cross-entropy); their bookkeeping, not their
+arithmetic, cost ~0.9 ms of a 6.5 ms step (2 cores, 2026-11-28: the same ops 6.45-6.68 ms through
+autograd, 5.61-5.77 ms by hand). Here the forward runs outside autograd and keeps what the backward
+needs; the backward calls the ATen ops that autograd's own formulas call (bmm, sum, div,
+threshold_backward, native_batch_norm_backward, nll_loss2d_backward, _log_softmax_backward_data)
+on the same operands, so the gradients are bitwise autograd's (tests/test_engines.py proves it).
+
+Training only, without sync BN (its cross-process autograd function stays in StackedMLP.forward),
+taps or torch.compile: StackedMLP.losses chooses.
+"""
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+# What autograd's formulas call for each activation's backward: a function of (grad, output).
+ACTIVATION_BACKWARD = {
+    "relu": lambda g, out: aten.threshold_backward(g, out, 0),
+    "sigmoid": aten.sigmoid_backward,
+    "tanh": aten.tanh_backward,
+}
+
+
+def _padded_grad(param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The gradient of a stacked parameter [members, padded n] from that of its unpadded view
+    (zero in the padding, as autograd's slice backward gives)."""
+    g = g.reshape(param.shape[0], -1)
+    if g.shape[1] == param.shape[1]:
+        return g
+    out = g.new_zeros(param.shape)
+    out[:, : g.shape[1]] = g
+    return out
+
+
+class _Plan:
+    """What a step reads of a StackedMLP, looked up once: nn.Module attribute and ParameterList
+    lookups, padding slices and views cost ~1 ms a step in Python when made every step. Views made
+    without autograd share the parameters' storage, so Adam's in-place updates show through; an
+    operand that is a copy (a reshape across padding) is made again every step. The plan is rebuilt
+    when a parameter's storage moves (.to(), a new Parameter)."""
+
+    def __init__(self, net):
+        from .models import BN_EPS, BN_MOMENTUM
+
+        self.net, self.key = net, _key(net)
+        self.s, self.v, self.m = net.seeds, len(net.variants), net.k
+        self.act, self.act_backward = net.act, ACTIVATION_BACKWARD[net.activation]
+        self.slot = net.bn_slot[0] if net.bn else None
+        self.mixed = net.bn and self.v > len(net.bn_slot)
+        self.momentum, self.eps = BN_MOMENTUM, BN_EPS
+        self.params = stacked_params(net)
+        self.has_bias = [net.bias_index[i] is not None for i in range(len(net.shapes))]
+        self.widths = [fout for fout, _ in net.shapes]
+        # per layer: its operands if they are all views (kept), else None (made each step)
+        self.cached = []
+        for i in range(len(net.shapes)):
+            ops = self.operands(i)
+            views = all(t is None or any(_same_storage(t, p) for p in self.params) for t in ops[:3] + ops[3][:2])
+            self.cached.append(ops if views else None)
+
+    @torch.no_grad()
+    def operands(self, i: int) -> tuple:
+        """Layer i's (weight [members, out, in], GEMM weight, GEMM bias or None, BN (scale, shift,
+        running mean, running var, batches tracked) or (None,) * 5), as StackedMLP.forward uses them."""
+        net = self.net
+        fout, fin = net.shapes[i]
+        w, b = net.weight(i), net.bias(i)
+        gemm_w, gemm_b = w, b
+        if i == 0:  # one GEMM per seed for its V members, as StackedMLP.forward
+            gemm_w = w.reshape(self.s, self.v * fout, fin)
+            gemm_b = None if b is None else b.reshape(self.s, self.v * fout, 1)
+        bn = (None,) * 5
+        if net.bn and i < len(net.shapes) - 1:
+            bn = (*net.bn_affine(i), getattr(net, f"running_mean{i}"), getattr(net, f"running_var{i}"),
+                  getattr(net, f"num_batches_tracked{i}"))
+        return w, gemm_w, gemm_b, bn
+
+
+def _same_storage(t: torch.Tensor, p: torch.Tensor) -> bool:
+    return t.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+
+
+def _key(net) -> tuple:
+    return tuple(p.data_ptr() for p in net.parameters())
+
+
+def plan_of(net) -> _Plan:
+    plan = net.__dict__.get("_fused_plan")
+    if plan is None or plan.key != _key(net):
+        plan = _Plan(net)
+        net.__dict__["_fused_plan"] = plan
+    return plan
+
+
+class StackedLosses(torch.autograd.Function):
+    """(plan, x [S, B, in], labels [S, B], *the net's parameters) -> per-member mean cross-entropy
+    [members], variant-major (the engine's order), exactly as F.cross_entropy(net(x)...).mean(1)."""
+
+    @staticmethod
+    def forward(ctx, plan, x, labels, *params):
+        s, v, m = plan.s, plan.v, plan.m
+        last = len(plan.cached) - 1
+        saved = []  # per layer: (GEMM input, BN record or None, activation output or None)
+        h = x.transpose(-1, -2)  # [S, in, B]
+        layers = [ops or plan.operands(i) for i, ops in enumerate(plan.cached)]
+        for i, (_, w, b, bn) in enumerate(layers):
+            c = plan.widths[i]
+            a = torch.baddbmm(b, w, h) if b is not None else torch.bmm(w, h)
+            if i == 0:
+                a = a.view(m, c, -1)
+            if i == last:
+                saved.append((h, None, None))
+                break
+            record = None
+            if bn[0] is not None:
+                weight, bias, mean, var, tracked = bn
+                n_b = a.shape[-1]
+                part = a.view(s, v, c, n_b)[:, plan.slot] if plan.mixed else a
+                flat = part.reshape(1, -1, n_b)
+                tracked.add_(1)
+                out, save_mean, save_invstd = aten.native_batch_norm(flat, weight, bias, mean, var, True,
+                                                                    plan.momentum, plan.eps)
+                record = (flat, save_mean, save_invstd)
+                if plan.mixed:
+                    grouped = a.view(s, v, c, n_b)
+                    parts = [grouped[:, : plan.slot], out.view(-1, 1, c, n_b), grouped[:, plan.slot + 1 :]]
+                    a = torch.cat([p for p in parts if p.shape[1]], 1).view(m, c, n_b)
+                else:
+                    a = out.view(m, c, n_b)
+            r = plan.act(a)
+            saved.append((h, record, r))
+            h = r
+        # Cross-entropy as F.cross_entropy computes it for [m, C, B]: log_softmax over C, then
+        # nll_loss2d on the [m, C, 1, B] view; members seed-major here, reordered at the end.
+        n_b = a.shape[-1]
+        target = labels.unsqueeze(1).expand(s, v, n_b).reshape(m, 1, n_b)
+        lsm = torch.log_softmax(a, 1)
+        nll, total_weight = aten.nll_loss2d_forward(lsm.view(m, -1, 1, n_b), target, None, 0, -100)
+        ctx.plan, ctx.layers, ctx.x, ctx.saved = plan, layers, x, saved
+        ctx.lsm, ctx.target, ctx.total_weight = lsm, target, total_weight
+        return nll.view(m, n_b).mean(1).view(s, v).t().reshape(m)  # variant-major
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        plan, saved, lsm = ctx.plan, ctx.saved, ctx.lsm
+        s, v, m = plan.s, plan.v, plan.m
+        n_b = lsm.shape[-1]
+        g = grad.view(v, s).t().reshape(m)  # seed-major
+        g = g.unsqueeze(1).expand(m, n_b) / n_b  # mean(1)'s backward
+        g = aten.nll_loss2d_backward(g.view(m, 1, n_b), lsm.view(m, -1, 1, n_b), ctx.target, None, 0, -100,
+                                     ctx.total_weight)
+        g = aten._log_softmax_backward_data(g.view(lsm.shape), lsm, 1, lsm.dtype)
+        n = len(saved)
+        w_grads, b_grads, bn_w, bn_b = [None] * n, [None] * n, [], []
+        for i in range(n - 1, -1, -1):
+            h, record, r = saved[i]
+            w, _, _, bn = ctx.layers[i]
+            c = plan.widths[i]
+            if r is not None:  # through the activation, then BN
+                g = plan.act_backward(g, r)
+                if record is not None:
+                    flat, save_mean, save_invstd = record
+                    weight, _, mean, var, _ = bn
+                    if plan.mixed:
+                        grouped = g.view(s, v, c, n_b)
+                        g_out = grouped[:, plan.slot].reshape(flat.shape)
+                    else:
+                        g_out = g.view(flat.shape)
+                    g_in, g_w, g_b = aten.native_batch_norm_backward(g_out, flat, weight, mean, var, save_mean,
+                                                                     save_invstd, True, plan.eps, [True, True, True])
+                    bn_w.append(g_w)
+                    bn_b.append(g_b)
+                    if plan.mixed:
+                        parts = [grouped[:, : plan.slot], g_in.view(-1, 1, c, n_b), grouped[:, plan.slot + 1 :]]
+                        g = torch.cat([p for p in parts if p.shape[1]], 1).view(m, c, n_b)
+                    else:
+                        g = g_in.view(m, c, n_b)
+            if i == 0:  # baddbmm's gradients: batch1 grad @ batch2^T (batch2 = x^T), bias summed over B
+                g = g.view(s, -1, n_b)
+                w_grads[i] = g.bmm(ctx.x)
+            else:
+                w_grads[i] = g.bmm(h.transpose(1, 2))
+            if plan.has_bias[i]:
+                b_grads[i] = g.sum(2, keepdim=True)
+            if i > 0:
+                g = w.transpose(1, 2).bmm(g)
+        grads = w_grads + [b for b in b_grads if b is not None] + bn_w[::-1] + bn_b[::-1]
+        ctx.saved = ctx.lsm = ctx.x = ctx.layers = None
+        return (None, None, None, *(_padded_grad(p, gr) for p, gr in zip(plan.params, grads)))
+
+
+def stacked_params(net) -> list[torch.Tensor]:
+    """The parameters StackedLosses takes, in the order its backward returns their gradients."""
+    params = list(net.weights) + list(net.biases)
+    if net.bn:
+        params += list(net.bn_weight) + list(net.bn_bias)
+    return params
+
+
+def fused_losses(net, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[members] training losses of StackedMLP `net` (variant-major), one autograd node."""
+    plan = plan_of(net)
+    return StackedLosses.apply(plan, x, labels, *plan.params)
