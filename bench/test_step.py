@@ -63,6 +63,21 @@ def test_default_step_threads(benchmark, mnist, accelerator, threads):
     benchmark.extra_info["member_samples_per_s"] = len(trainer.members) * trainer.batch / benchmark.stats.stats.median
 
 
+@pytest.mark.parametrize("backward", ["hand-written", "autograd"])
+def test_default_step_backward(benchmark, mnist, accelerator, backward):
+    """The default run's step with its backward written by hand (fused.StackedLosses, what the
+    engine runs) and through autograd over StackedMLP.forward (what it replaced): same arithmetic,
+    bitwise the same gradients (tests/test_engines.py), one autograd node against ~40."""
+    from bnbench.engine import stacked_losses
+
+    trainer, args = _default_step(mnist, accelerator)
+    if backward == "autograd":
+        for u in trainer.stacks:
+            u.losses = stacked_losses
+    benchmark.pedantic(trainer.step, args=args, rounds=30, iterations=5, warmup_rounds=3)
+    benchmark.extra_info["member_samples_per_s"] = len(trainer.members) * trainer.batch / benchmark.stats.stats.median
+
+
 @pytest.mark.parametrize("k", [5, 32])
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_step_compile(benchmark, mnist, accelerator, k, mode):

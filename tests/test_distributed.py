@@ -260,7 +260,8 @@ def read_rows(out: Path) -> pd.DataFrame:
 def test_launch_sh_two_cpu_processes(tmp_path):
     out = tmp_path / "run"
     cmd = [str(REPO / "launch.sh"), "--nproc", "2", "--cpu", "--main_process_port", str(free_port()),
-           "--epochs", "1", "--seeds", "0", "--per-device-batch", "50", "--dp", "2", "--sync-bn", "--quiet", "--out", str(out)]
+           "--epochs", "1", "--seeds", "0", "--per-device-batch", "300", "--dp", "2", "--sync-bn", "--quiet", "--out", str(out)]
+    # --per-device-batch 300: 100 steps of sync BN over gloo, not 600; what is checked holds for any batch
     proc = subprocess.run(cmd, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launch.sh: 2 processes: 1 seed group x dp 2 (2 members each)" in proc.stderr
@@ -268,7 +269,7 @@ def test_launch_sh_two_cpu_processes(tmp_path):
     assert len(rows) == 2 and set(rows.variant) == {"bn", "nobn"}  # rank 0 alone wrote
     assert (rows.world_size == 2).all() and (rows.backend == "gloo").all() and rows.sync_bn.all()
     assert (rows.dp == 2).all() and (rows.seed_groups == 1).all() and (rows.seed_group == 0).all()
-    assert (rows.batch_size == 100).all() and (rows.per_device_batch == 50).all()
+    assert (rows.batch_size == 600).all() and (rows.per_device_batch == 300).all()
     assert (rows.test_total == 10_000).all() and (rows.train_total == 60_000).all()
     meta = json.loads((out / "meta.json").read_text())
     (run,) = meta["runs"].values()
@@ -322,7 +323,7 @@ def test_two_machines_on_loopback(tmp_path):
     for machine in (0, 1):
         cmd = [str(REPO / "launch.sh"), "--nproc", "1", "--cpu", "--num_machines", "2", "--machine_rank", str(machine),
                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--dist-timeout", "120",
-               "--epochs", "1", "--seeds", "0,1", "--quiet", "--out", str(tmp_path / f"m{machine}")]
+               "--epochs", "1", "--seeds", "0,1", "--batch-size", "600", "--quiet", "--out", str(tmp_path / f"m{machine}")]
         procs.append(subprocess.Popen(cmd, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
     try:
