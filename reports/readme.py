@@ -316,6 +316,11 @@ def perf_table() -> str:
         "|---|---|---|---|",
         f"| fused Adam (one kernel per parameter) | `test_optimizer_step` | {ms('test_optimizer_step[True]'):.2f} ms | "
         f"{ms('test_optimizer_step[False]'):.2f} ms (for-each) |",
+        f"| ... its kernel called directly (`optim.FusedAdamStep`, bitwise Adam.step) | `test_optimizer_step` | "
+        f"{ms('test_optimizer_step[direct]'):.2f} ms | {ms('test_optimizer_step[True]'):.2f} ms (Adam.step) |",
+        f"| the training losses' backward written by hand (`fused.py`, bitwise autograd's) | `test_default_step_backward` | "
+        f"{ms('test_default_step_backward[hand-written]'):.2f} ms per default step | "
+        f"{ms('test_default_step_backward[autograd]'):.2f} ms (autograd) |",
         f"| one `index_select` for all members' batches | `test_gather` | {ms('test_gather[index_select]'):.3f} ms | "
         f"{ms('test_gather[indexing]'):.3f} ms (`x[idx]`) |",
         f"| both torch threads | `test_default_step_threads` | {ms('test_default_step_threads[2]'):.1f} ms per default "

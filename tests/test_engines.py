@@ -206,3 +206,33 @@ def test_fused_adam_step_gives_way_to_hooks_and_missing_gradients(accelerator, m
     assert calls == [1, 1], "Adam's step hooks must run: the step goes through Adam.step while any is registered"
     steps = [update.opt.state[p]["step"].item() for p in update.opt.param_groups[0]["params"]]
     assert steps == [2.0] * len(steps)
+
+
+def test_fused_losses_follow_the_module_as_it_changes(mnist_cpu):
+    """fused.py keeps views of a StackedMLP's parameters between steps: they must see in-place
+    updates (an optimizer's) and be remade when storage moves (.to()); padded operands (width 24)
+    are copies, made again every step. Each time, bitwise the losses of forward + cross-entropy."""
+    import copy
+
+    from bnbench.models import member_losses
+
+    inits = [init_linears(s, (784, 24, 10)) for s in range(2)]
+    net = StackedMLP(inits, bn=(True, False))
+    data = mnist_cpu["float32"]
+    x, y = data.train_x[:200].view(2, 100, 784), data.train_y[:200].view(2, 100)
+
+    def same():
+        other = copy.deepcopy(net)  # the same state, through forward + cross-entropy (one BN update each)
+        fused, plain = net(x, labels=y), member_losses(other(x), y)
+        assert type(fused.grad_fn).__name__ == "StackedLossesBackward"
+        return torch.equal(fused, plain) and all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                                                    other.state_dict().values()))
+
+    assert same()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.5)  # in place, as Adam steps
+    assert same()
+    net.to(torch.float64)  # new storage: the plan is remade
+    x = x.double()
+    assert same()

@@ -8,10 +8,12 @@ needs; the backward calls the ATen ops that autograd's own formulas call (bmm, s
 threshold_backward, native_batch_norm_backward, nll_loss2d_backward, _log_softmax_backward_data)
 on the same operands, so the gradients are bitwise autograd's (tests/test_engines.py proves it).
 
-Training only, without sync BN (its cross-process autograd function stays in StackedMLP.forward),
-taps or torch.compile: StackedMLP.losses chooses.
+Training only, without sync BN (its cross-process autograd function stays in StackedMLP.forward)
+or taps: StackedMLP.forward(x, labels=...) chooses; the engine passes labels unless --compile.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -41,17 +43,15 @@ class _Plan:
     lookups, padding slices and views cost ~1 ms a step in Python when made every step. Views made
     without autograd share the parameters' storage, so Adam's in-place updates show through; an
     operand that is a copy (a reshape across padding) is made again every step. The plan is rebuilt
-    when a parameter's storage moves (.to(), a new Parameter)."""
+    when a parameter's or buffer's storage moves (.to(), a new tensor assigned)."""
 
     def __init__(self, net):
-        from .models import BN_EPS, BN_MOMENTUM
-
-        self.net, self.key = net, _key(net)
+        self.net, self.key = weakref.proxy(net), _key(net)  # the net owns its plan, not the other way
         self.s, self.v, self.m = net.seeds, len(net.variants), net.k
         self.act, self.act_backward = net.act, ACTIVATION_BACKWARD[net.activation]
         self.slot = net.bn_slot[0] if net.bn else None
         self.mixed = net.bn and self.v > len(net.bn_slot)
-        self.momentum, self.eps = BN_MOMENTUM, BN_EPS
+        self.momentum, self.eps = net.bn_momentum, net.bn_eps
         self.params = stacked_params(net)
         self.has_bias = [net.bias_index[i] is not None for i in range(len(net.shapes))]
         self.widths = [fout for fout, _ in net.shapes]
@@ -77,7 +77,10 @@ class _Plan:
         if net.bn and i < len(net.shapes) - 1:
             bn = (*net.bn_affine(i), getattr(net, f"running_mean{i}"), getattr(net, f"running_var{i}"),
                   getattr(net, f"num_batches_tracked{i}"))
-        return w, gemm_w, gemm_b, bn
+        # Detached: plain aliases of the storage, outside autograd's view tracking, which forbids
+        # touching a no-grad view once its base has been updated in place (as every step does).
+        detach = lambda t: None if t is None else t.detach()
+        return detach(w), detach(gemm_w), detach(gemm_b), tuple(map(detach, bn))
 
 
 def _same_storage(t: torch.Tensor, p: torch.Tensor) -> bool:
@@ -85,14 +88,17 @@ def _same_storage(t: torch.Tensor, p: torch.Tensor) -> bool:
 
 
 def _key(net) -> tuple:
-    return tuple(p.data_ptr() for p in net.parameters())
+    return tuple(t.data_ptr() for t in (*net.parameters(), *net.buffers()))
+
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> its plan; not in the module,
+# so that copying, pickling or saving a module never meets it
 
 
 def plan_of(net) -> _Plan:
-    plan = net.__dict__.get("_fused_plan")
+    plan = _plans.get(net)
     if plan is None or plan.key != _key(net):
-        plan = _Plan(net)
-        net.__dict__["_fused_plan"] = plan
+        plan = _plans[net] = _Plan(net)
     return plan
 
 

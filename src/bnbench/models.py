@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import sync_batch_norm
+from .fused import fused_losses
 
 ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -91,6 +92,8 @@ class StackedMLP(nn.Module):
     member's arithmetic is the same in a module of any size; weight(i), bias(i) and bn_affine(i)
     are the views the layers use.
     """
+
+    bn_momentum, bn_eps = BN_MOMENTUM, BN_EPS  # what fused.py reads (it does not import this module)
 
     def __init__(
         self,
@@ -196,8 +199,6 @@ class StackedMLP(nn.Module):
         in training without sync BN through fused.StackedLosses (bitwise the same, faster)."""
         if labels is not None:
             if self.training and not (self.sync_bn and self.bn) and taps is None and x.dim() == 3:
-                from .fused import fused_losses
-
                 return fused_losses(self, x, labels)
             return member_losses(self.forward(x, taps), labels)
         last = len(self.weights) - 1
