@@ -63,8 +63,9 @@ class FusedAdamStep:
         if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or not hasattr(torch, "_fused_adam_"):
             return False
         g = opt.param_groups[0]
-        return bool(g.get("fused")) and not any(g.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable",
-                                                                    "decoupled_weight_decay"))
+        plain = not any(isinstance(x, torch.Tensor) for x in (g["lr"], *g["betas"], g["eps"], g["weight_decay"]))
+        return plain and bool(g.get("fused")) and not any(g.get(k) for k in ("amsgrad", "maximize", "capturable",
+                                                                             "differentiable", "decoupled_weight_decay"))
 
     def _ready(self) -> bool:
         opt = self.opt
