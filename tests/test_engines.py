@@ -236,3 +236,26 @@ def test_fused_losses_follow_the_module_as_it_changes(mnist_cpu):
     net.to(torch.float64)  # new storage: the plan is remade
     x = x.double()
     assert same()
+
+
+def test_fused_adam_step_follows_a_loaded_optimizer_state(accelerator, mnist_cpu):
+    """Optimizer.load_state_dict replaces Adam's state tensors: the direct call must step the new
+    ones (those state_dict() returns), exactly as Adam.step would."""
+    import copy
+
+    splits = subset(mnist_cpu["float32"], 1000, 100)
+    fast, plain = (Trainer(make_config(seeds=(0,)), splits, accelerator) for _ in range(2))
+    plain.groups = [(opt, zero, opt.step, stacks) for opt, zero, _, stacks in plain.groups]
+    order = fast.epoch_order(1)
+    sums = [torch.zeros(2, dtype=torch.float64) for _ in range(2)]
+    for t in range(8):
+        for tr, ls in zip((fast, plain), sums):
+            if t == 4:
+                (opt, *_), = tr.groups
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new tensors, as from a file
+            tr.step(*tr.batch_at(order, t), ls)
+    states = [tr.groups[0][0].state_dict()["state"] for tr in (fast, plain)]
+    assert [s["step"].item() for s in states[0].values()] == [8.0] * len(states[0])
+    for a, b in zip(states[0].values(), states[1].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(*sums)

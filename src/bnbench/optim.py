@@ -76,6 +76,7 @@ class FusedAdamStep:
             return False
         st = [opt.state[p] for p in params]
         self.lists = (params, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [s["step"] for s in st])
+        self.owner = (opt.state, params)  # load_state_dict replaces both: the lists are then made again
         return True
 
     def _hooked(self) -> bool:
@@ -84,6 +85,9 @@ class FusedAdamStep:
                     or t._global_optimizer_pre_hooks or t._global_optimizer_post_hooks)
 
     def __call__(self) -> None:
+        state, params = self.owner if self.lists is not None else (None, None)
+        if self.opt.state is not state or self.opt.param_groups[0]["params"] is not params:
+            self.lists = None
         if self._hooked() or (self.lists is None and not self._ready()):
             self.opt.step()
             return
