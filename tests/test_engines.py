@@ -259,3 +259,28 @@ def test_fused_adam_step_follows_a_loaded_optimizer_state(accelerator, mnist_cpu
     for a, b in zip(states[0].values(), states[1].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(*sums)
+
+
+def test_fused_losses_as_autograd_would_behave(mnist_cpu):
+    """Beyond a plain step: a retained graph gives the same gradients twice; a parameter changed in
+    place between forward and backward is refused, as autograd refuses it; an input that wants its
+    own gradient goes through forward + cross-entropy, which gives it one."""
+    inits = [init_linears(s, (784, 8, 10)) for s in range(2)]
+    net = StackedMLP(inits, bn=(True, False))
+    data = mnist_cpu["float32"]
+    x, y = data.train_x[:100].view(2, 50, 784), data.train_y[:100].view(2, 50)
+    params = list(net.parameters())
+    losses = net(x, labels=y)
+    first = torch.autograd.grad(losses.sum(), params, retain_graph=True)
+    second = torch.autograd.grad(losses.sum(), params)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    losses = net(x, labels=y)
+    with torch.no_grad():
+        params[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        losses.sum().backward()
+    xg = x.clone().requires_grad_(True)
+    losses = net(xg, labels=y)
+    assert type(losses.grad_fn).__name__ != "StackedLossesBackward"
+    losses.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0

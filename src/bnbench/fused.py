@@ -5,11 +5,13 @@ parameters, BN, the copies in and out of the BN half, cross-entropy); their book
 arithmetic, cost ~0.9 ms of a 6.5 ms step (2 cores, 2026-11-28: the same ops 6.45-6.68 ms through
 autograd, 5.61-5.77 ms by hand). Here the forward runs outside autograd and keeps what the backward
 needs; the backward calls the ATen ops that autograd's own formulas call (bmm, sum, div,
-threshold_backward, native_batch_norm_backward, nll_loss2d_backward, _log_softmax_backward_data)
+threshold_backward, _batch_norm_impl_index_backward, nll_loss2d_backward, _log_softmax_backward_data)
 on the same operands, so the gradients are bitwise autograd's (tests/test_engines.py proves it).
 
-Training only, without sync BN (its cross-process autograd function stays in StackedMLP.forward)
-or taps: StackedMLP.forward(x, labels=...) chooses; the engine passes labels unless --compile.
+Training only, without sync BN (its cross-process autograd function stays in StackedMLP.forward),
+taps, an input that wants a gradient or autocast: StackedMLP.forward(x, labels=...) chooses; the
+engine passes labels unless --compile. Its gradients are first-order only (no create_graph), and
+like autograd it refuses a backward after a parameter changed in place since the forward.
 """
 from __future__ import annotations
 
@@ -48,10 +50,8 @@ class _Plan:
     def __init__(self, net):
         self.net, self.key = weakref.proxy(net), _key(net)  # the net owns its plan, not the other way
         self.s, self.v, self.m = net.seeds, len(net.variants), net.k
-        self.act, self.act_backward = net.act, ACTIVATION_BACKWARD[net.activation]
         self.slot = net.bn_slot[0] if net.bn else None
         self.mixed = net.bn and self.v > len(net.bn_slot)
-        self.momentum, self.eps = net.bn_momentum, net.bn_eps
         self.params = stacked_params(net)
         self.has_bias = [net.bias_index[i] is not None for i in range(len(net.shapes))]
         self.widths = [fout for fout, _ in net.shapes]
@@ -109,6 +109,10 @@ class StackedLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, x, labels, *params):
         s, v, m = plan.s, plan.v, plan.m
+        net = plan.net
+        act, momentum, eps = net.act, net.bn_momentum, net.bn_eps  # read each step: a module may change them
+        ctx.act_backward, ctx.eps = ACTIVATION_BACKWARD[net.activation], eps
+        ctx.versions = [p._version for p in params]  # autograd's check: no in-place change before backward
         last = len(plan.cached) - 1
         saved = []  # per layer: (GEMM input, BN record or None, activation output or None)
         h = x.transpose(-1, -2)  # [S, in, B]
@@ -128,16 +132,18 @@ class StackedLosses(torch.autograd.Function):
                 part = a.view(s, v, c, n_b)[:, plan.slot] if plan.mixed else a
                 flat = part.reshape(1, -1, n_b)
                 tracked.add_(1)
-                out, save_mean, save_invstd = aten.native_batch_norm(flat, weight, bias, mean, var, True,
-                                                                    plan.momentum, plan.eps)
-                record = (flat, save_mean, save_invstd)
+                # F.batch_norm's own entry: it picks the kernel (native here, cuDNN where enabled on a GPU)
+                # and its backward below is the one autograd would record for that kernel.
+                out, save_mean, save_invstd, reserve, impl = aten._batch_norm_impl_index(
+                    flat, weight, bias, mean, var, True, momentum, eps, torch.backends.cudnn.enabled)
+                record = (flat, save_mean, save_invstd, reserve, impl)
                 if plan.mixed:
                     grouped = a.view(s, v, c, n_b)
                     parts = [grouped[:, : plan.slot], out.view(-1, 1, c, n_b), grouped[:, plan.slot + 1 :]]
                     a = torch.cat([p for p in parts if p.shape[1]], 1).view(m, c, n_b)
                 else:
                     a = out.view(m, c, n_b)
-            r = plan.act(a)
+            r = act(a)
             saved.append((h, record, r))
             h = r
         # Cross-entropy as F.cross_entropy computes it for [m, C, B]: log_softmax over C, then
@@ -154,6 +160,9 @@ class StackedLosses(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         plan, saved, lsm = ctx.plan, ctx.saved, ctx.lsm
+        if [p._version for p in plan.params] != ctx.versions:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
+                               "operation: a StackedMLP parameter changed between its forward and this backward")
         s, v, m = plan.s, plan.v, plan.m
         n_b = lsm.shape[-1]
         g = grad.view(v, s).t().reshape(m)  # seed-major
@@ -168,17 +177,18 @@ class StackedLosses(torch.autograd.Function):
             w, _, _, bn = ctx.layers[i]
             c = plan.widths[i]
             if r is not None:  # through the activation, then BN
-                g = plan.act_backward(g, r)
+                g = ctx.act_backward(g, r)
                 if record is not None:
-                    flat, save_mean, save_invstd = record
+                    flat, save_mean, save_invstd, reserve, impl = record
                     weight, _, mean, var, _ = bn
                     if plan.mixed:
                         grouped = g.view(s, v, c, n_b)
                         g_out = grouped[:, plan.slot].reshape(flat.shape)
                     else:
                         g_out = g.view(flat.shape)
-                    g_in, g_w, g_b = aten.native_batch_norm_backward(g_out, flat, weight, mean, var, save_mean,
-                                                                     save_invstd, True, plan.eps, [True, True, True])
+                    g_in, g_w, g_b = aten._batch_norm_impl_index_backward(
+                        impl, flat, g_out, weight, mean, var, save_mean, save_invstd, True, ctx.eps,
+                        [True, True, True], reserve)
                     bn_w.append(g_w)
                     bn_b.append(g_b)
                     if plan.mixed:
@@ -196,7 +206,6 @@ class StackedLosses(torch.autograd.Function):
             if i > 0:
                 g = w.transpose(1, 2).bmm(g)
         grads = w_grads + [b for b in b_grads if b is not None] + bn_w[::-1] + bn_b[::-1]
-        ctx.saved = ctx.lsm = ctx.x = ctx.layers = None
         return (None, None, None, *(_padded_grad(p, gr) for p, gr in zip(plan.params, grads)))
 
 

@@ -93,7 +93,7 @@ class StackedMLP(nn.Module):
     are the views the layers use.
     """
 
-    bn_momentum, bn_eps = BN_MOMENTUM, BN_EPS  # what fused.py reads (it does not import this module)
+    bn_momentum, bn_eps = BN_MOMENTUM, BN_EPS  # what _bn and fused.py read (fused.py does not import this module)
 
     def __init__(
         self,
@@ -158,11 +158,11 @@ class StackedMLP(nn.Module):
         weight, bias = self.bn_affine(i)
         mean, var = getattr(self, f"running_mean{i}"), getattr(self, f"running_var{i}")
         if self.training and self.sync_bn:
-            out = sync_batch_norm(flat[0].t(), mean, var, weight, bias, BN_MOMENTUM, BN_EPS, self.group)  # [B, n*C]
+            out = sync_batch_norm(flat[0].t(), mean, var, weight, bias, self.bn_momentum, self.bn_eps, self.group)  # [B, n*C]
             out = out.t().reshape(n, c, b)
         else:
-            out = F.batch_norm(flat, mean, var, weight, bias, training=self.training, momentum=BN_MOMENTUM,
-                               eps=BN_EPS).view(n, c, b)
+            out = F.batch_norm(flat, mean, var, weight, bias, training=self.training, momentum=self.bn_momentum,
+                               eps=self.bn_eps).view(n, c, b)
         if not mixed:
             return out
         grouped = h.view(self.seeds, v, c, b)
@@ -198,7 +198,10 @@ class StackedMLP(nn.Module):
         labels [K, B]: returns instead each member's mean cross-entropy [members] (variant-major);
         in training without sync BN through fused.StackedLosses (bitwise the same, faster)."""
         if labels is not None:
-            if self.training and not (self.sync_bn and self.bn) and taps is None and x.dim() == 3:
+            # The hand-written backward gives parameter gradients once: an input that wants its own
+            # gradient, autocast or higher-order autograd go through forward + cross-entropy.
+            if (self.training and not (self.sync_bn and self.bn) and taps is None and x.dim() == 3
+                    and not x.requires_grad and not torch.is_autocast_enabled(x.device.type)):
                 return fused_losses(self, x, labels)
             return member_losses(self.forward(x, taps), labels)
         last = len(self.weights) - 1
