@@ -29,6 +29,15 @@ ACTIVATION_BACKWARD = {
 }
 
 
+def with_slot(grouped: torch.Tensor, slot: int, part: torch.Tensor) -> torch.Tensor:
+    """grouped [S, V, C, B] with variant `slot` replaced by part ([S, C, B] in any contiguous shape):
+    one torch.cat, as the BN half goes back among the members (forward) and its gradient (backward).
+    Returns [S*V, C, B]."""
+    s, v, c, b = grouped.shape
+    parts = [grouped[:, :slot], part.view(s, 1, c, b), grouped[:, slot + 1 :]]
+    return torch.cat([p for p in parts if p.shape[1]], 1).view(s * v, c, b)
+
+
 def _padded_grad(param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The gradient of a stacked parameter [members, padded n] from that of its unpadded view
     (zero in the padding, as autograd's slice backward gives)."""
@@ -138,9 +147,7 @@ class StackedLosses(torch.autograd.Function):
                     flat, weight, bias, mean, var, True, momentum, eps, torch.backends.cudnn.enabled)
                 record = (flat, save_mean, save_invstd, reserve, impl)
                 if plan.mixed:
-                    grouped = a.view(s, v, c, n_b)
-                    parts = [grouped[:, : plan.slot], out.view(-1, 1, c, n_b), grouped[:, plan.slot + 1 :]]
-                    a = torch.cat([p for p in parts if p.shape[1]], 1).view(m, c, n_b)
+                    a = with_slot(a.view(s, v, c, n_b), plan.slot, out)
                 else:
                     a = out.view(m, c, n_b)
             r = act(a)
@@ -192,8 +199,7 @@ class StackedLosses(torch.autograd.Function):
                     bn_w.append(g_w)
                     bn_b.append(g_b)
                     if plan.mixed:
-                        parts = [grouped[:, : plan.slot], g_in.view(-1, 1, c, n_b), grouped[:, plan.slot + 1 :]]
-                        g = torch.cat([p for p in parts if p.shape[1]], 1).view(m, c, n_b)
+                        g = with_slot(grouped, plan.slot, g_in)
                     else:
                         g = g_in.view(m, c, n_b)
             if i == 0:  # baddbmm's gradients: batch1 grad @ batch2^T (batch2 = x^T), bias summed over B

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import sync_batch_norm
-from .fused import fused_losses
+from .fused import fused_losses, with_slot
 
 ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -165,9 +165,7 @@ class StackedMLP(nn.Module):
                                eps=self.bn_eps).view(n, c, b)
         if not mixed:
             return out
-        grouped = h.view(self.seeds, v, c, b)
-        parts = [grouped[:, :slot], out.unsqueeze(1), grouped[:, slot + 1 :]]
-        return torch.cat([x for x in parts if x.shape[1]], 1).view(m, c, b)
+        return with_slot(h.view(self.seeds, v, c, b), slot, out)
 
     def weight(self, i: int) -> torch.Tensor:
         """Layer i's weights [members (seed-major), out, in] (a view of the padded storage)."""
