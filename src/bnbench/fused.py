@@ -2,8 +2,8 @@
 
 Through StackedMLP.forward, a default step builds ~40 autograd nodes (GEMMs, views of the stacked
 parameters, BN, the copies in and out of the BN half, cross-entropy); their bookkeeping, not their
-arithmetic, cost ~0.9 ms of a 6.5 ms step (2 cores, 2026-11-28: the same ops 6.45-6.68 ms through
-autograd, 5.61-5.77 ms by hand). Here the forward runs outside autograd and keeps what the backward
+arithmetic, cost ~0.6 ms of a default step (2 cores, 2026-11-28: 6.45 ms through autograd, 5.89 ms
+by hand; bench/test_step.py::test_default_step_backward). Here the forward runs outside autograd and keeps what the backward
 needs; the backward calls the ATen ops that autograd's own formulas call (bmm, sum, div,
 threshold_backward, _batch_norm_impl_index_backward, nll_loss2d_backward, _log_softmax_backward_data)
 on the same operands, so the gradients are bitwise autograd's (tests/test_engines.py proves it).
