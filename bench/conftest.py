@@ -25,7 +25,7 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def mnist():
-    from bnbench import data
+    from bnbench.train import data
 
     return data.load("mnist", data_root(), device="cpu", dtype=torch.float32)
 
@@ -41,7 +41,7 @@ def accelerator():
 def torchvision_root(tmp_path_factory):
     """MNIST/raw/ with the four files decompressed, as torchvision.datasets.MNIST wants them
     (the shared copy is gzipped and read-only)."""
-    from bnbench import data
+    from bnbench.train import data
 
     root = tmp_path_factory.mktemp("tv")
     raw = root / "MNIST" / "raw"

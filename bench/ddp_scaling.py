@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnbench.launch import accelerate_command
+from bnbench.dist.launch import accelerate_command
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -41,13 +41,13 @@ from torch import nn
 
 from accelerate import Accelerator
 
-from bnbench import data
+from bnbench.train import data
 from bnbench.config import make_config
-from bnbench.data import Splits
-from bnbench.distributed import make_mesh
-from bnbench.engine import Trainer
-from bnbench.launch import free_port
-from bnbench.layout import choose_layout
+from bnbench.train.data import Splits
+from bnbench.dist.groups import make_mesh
+from bnbench.train.engine import Trainer
+from bnbench.dist.launch import free_port
+from bnbench.dist.layout import choose_layout
 
 REPO = Path(__file__).resolve().parents[1]
 

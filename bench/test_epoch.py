@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from bnbench.config import make_config
-from bnbench.engine import Trainer
-from bnbench.run import Setup, training_function
-from bnbench.models import init_linears, reference_mlp
+from bnbench.train.engine import Trainer
+from bnbench.training import Setup, training_function
+from bnbench.train.models import init_linears, reference_mlp
 
 SEEDS = {"default": tuple(range(5)), "32seeds": tuple(range(32))}
 
@@ -114,7 +114,7 @@ def test_run_loop(benchmark, mnist, accelerator, tmp_path):
 
 @pytest.mark.parametrize("cache", ["cold", "warm"])
 def test_data_preparation(benchmark, tmp_path, monkeypatch, cache):
-    from bnbench import data
+    from bnbench.train import data
 
     from conftest import data_root
 

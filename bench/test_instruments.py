@@ -15,7 +15,7 @@ import itertools
 import pytest
 
 from bnbench.config import make_config
-from bnbench.engine import Trainer
+from bnbench.train.engine import Trainer
 
 STEPS = 200  # per round: 20 instrumented steps, 1 with the ICS measures
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnbench.report import build_report
-from bnbench.results import ResultsWriter
+from bnbench.reporting.report import build_report
+from bnbench.store.results import ResultsWriter
 
 
 def thousand_rows() -> list[dict]:

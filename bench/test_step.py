@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from bnbench.config import make_config
-from bnbench.engine import Trainer
+from bnbench.train.engine import Trainer
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_default_step_backward(benchmark, mnist, accelerator, backward):
     """The default run's step with its backward written by hand (fused.StackedLosses, what the
     engine runs) and through autograd over StackedMLP.forward (what it replaced): same arithmetic,
     bitwise the same gradients (tests/test_engines.py), one autograd node against ~40."""
-    from bnbench.engine import stacked_losses
+    from bnbench.train.engine import stacked_losses
 
     trainer, args = _default_step(mnist, accelerator)
     if backward == "autograd":
@@ -92,7 +92,7 @@ def test_step_compile(benchmark, mnist, accelerator, k, mode):
 def test_optimizer_step(benchmark, mnist, accelerator, fused):
     """Adam over one stacked unit (5 members): the for-each kernel, the fused one through
     Adam.step, and the fused one called as the engine calls it (optim.FusedAdamStep)."""
-    from bnbench.optim import FusedAdamStep, make_optimizer
+    from bnbench.train.optim import FusedAdamStep, make_optimizer
 
     trainer, _ = _default_step(mnist, accelerator, variants=("bn",))
     params = list(trainer.stacks[0].net.parameters())

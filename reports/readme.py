@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bnbench.report import config_label
-from bnbench.report_instruments import by_config, numbers, paragraph
-from bnbench.results import read_instruments, read_results
-from bnbench.stats import describe_p, paired_test, time_to_target
+from bnbench.reporting.report import config_label
+from bnbench.reporting.instruments import by_config, numbers, paragraph
+from bnbench.store.results import read_instruments, read_results
+from bnbench.reporting.stats import describe_p, paired_test, time_to_target
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -395,8 +395,8 @@ def memory() -> str:
 def study(name: str, key: str) -> str:
     """A study's finding: per facet, each variant's range within 1 pp of its best (the report's own
     summary, recomputed here from the folder's rows), and its figure."""
-    from bnbench.report import CONFIG_KEYS, accuracy_rows, final_rows
-    from bnbench.report_sensitivity import axes, summarise
+    from bnbench.reporting.report import CONFIG_KEYS, accuracy_rows, final_rows
+    from bnbench.reporting.sensitivity import axes, summarise
 
     df = rows(name)
     df = df.assign(diverged=df["diverged"].fillna(False).astype(bool), config=config_label(df))
@@ -425,7 +425,7 @@ def batch_size() -> str:
 def sync_bn() -> str:
     """What SyncBN restores: BN members at a small per-process batch, statistics per process or over
     the group's global batch, paired by seed (same init and data order)."""
-    from bnbench.stats import mean_ci95
+    from bnbench.reporting.stats import mean_ci95
 
     df = rows("sync_bn")
     last = df.sort_values("step").groupby(["run_id", "seed"], as_index=False).tail(1)

@@ -33,7 +33,7 @@ def _private_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def mnist_cpu(tmp_path_factory):
     """Full MNIST on the CPU as float64 and float32 Splits (loaded once for the session)."""
-    from bnbench import data
+    from bnbench.train import data
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BNBENCH_CACHE", str(tmp_path_factory.mktemp("session-cache")))
@@ -44,7 +44,7 @@ def mnist_cpu(tmp_path_factory):
 
 
 def subset(splits, n_train: int, n_test: int):
-    from bnbench.data import Splits
+    from bnbench.train.data import Splits
 
     return Splits(splits.train_x[:n_train], splits.train_y[:n_train], splits.test_x[:n_test], splits.test_y[:n_test], splits.sources)
 
@@ -52,7 +52,7 @@ def subset(splits, n_train: int, n_test: int):
 def make_setup(accelerator, splits=None, data_root=None, on_trainer=None):
     """The run's Setup with the session's accelerator and data; on_trainer(trainer) sees or perturbs
     the members before training."""
-    from bnbench.run import Setup
+    from bnbench.training import Setup
 
     class TestSetup(Setup):
         def trainer(self, *args):

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from bnbench import data
+from bnbench.train import data
 from bnbench.config import make_config
-from bnbench.data import Splits
-from bnbench.distributed import check_world, make_accelerator, make_mesh
-from bnbench.engine import Trainer
-from bnbench.layout import choose_layout
+from bnbench.train.data import Splits
+from bnbench.dist.groups import check_world, make_accelerator, make_mesh
+from bnbench.train.engine import Trainer
+from bnbench.dist.layout import choose_layout
 
 N_TRAIN = 2400  # 24 global batches of 100: >= 20 steps
 

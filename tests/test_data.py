@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnbench import data
-from bnbench.data import DataError
+from bnbench.train import data
+from bnbench.train.data import DataError
 
 NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from bnbench.config import ConfigError, make_config
-from bnbench.distributed import shard
-from bnbench.launch import free_port
-from bnbench.engine import Trainer, epoch_permutation
+from bnbench.dist.groups import shard
+from bnbench.dist.launch import free_port
+from bnbench.train.engine import Trainer, epoch_permutation
 
 from conftest import REPO, mnist_root, subset
 
@@ -287,7 +287,7 @@ def test_main_job_on_eight_processes_equals_one_process(tmp_path, accelerator, d
     (2,2,1,1,1,1,1,1), one results file written by rank 0, every member's numbers bitwise
     those of one process on one thread (each launched process has one). --sync-bn with dp 1
     is said to change nothing, and the one-process run without it shows that it does not."""
-    from bnbench.run import Setup, training_function
+    from bnbench.training import Setup, training_function
 
     out = tmp_path / "eight"
     cmd = [str(REPO / "launch.sh"), "--nproc", "8", "--cpu", "--epochs", "1", "--sync-bn", "--quiet", "--out", str(out)]
@@ -395,7 +395,7 @@ def test_silent_mode_is_refused_when_launched(tmp_path):
     script = tmp_path / "silent.py"
     script.write_text(
         "import sys\nfrom accelerate import Accelerator\nfrom bnbench.config import make_config\n"
-        "from bnbench.run import Setup, training_function\n"
+        "from bnbench.training import Setup, training_function\n"
         "training_function(make_config(epochs=1, seeds=(0,)), sys.argv[1], Setup(accelerator=Accelerator()), quiet=True)\n"
     )
     cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), str(tmp_path / "out")]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bnbench.config import make_config
-from bnbench.engine import Trainer, epoch_permutation
-from bnbench.models import StackedMLP, init_linears, reference_mlp
+from bnbench.train.engine import Trainer, epoch_permutation
+from bnbench.train.models import StackedMLP, init_linears, reference_mlp
 
 from conftest import subset
 
@@ -162,8 +162,8 @@ def test_hand_written_step_is_autograd_and_adam_bitwise(mnist_cpu, accelerator, 
     """What a training step runs (fused.StackedLosses' backward, optim.FusedAdamStep) against what
     it replaces (autograd through StackedMLP.forward, the optimizer's own step): equal bit for bit,
     gradients after one step, then every parameter, buffer and loss after 40."""
-    from bnbench.engine import fused_stacked_losses, stacked_losses
-    from bnbench.optim import FusedAdamStep
+    from bnbench.train.engine import fused_stacked_losses, stacked_losses
+    from bnbench.train.optim import FusedAdamStep
 
     kw = {**dict(seeds=(0, 1)), **FUSED_CASES[case]}
     splits = subset(mnist_cpu[kw.get("dtype", "float32")], 4000, 100)  # 40 steps an epoch
@@ -192,7 +192,7 @@ def test_hand_written_step_is_autograd_and_adam_bitwise(mnist_cpu, accelerator, 
 
 
 def test_fused_adam_step_gives_way_to_hooks_and_missing_gradients(accelerator, mnist_cpu):
-    from bnbench.optim import FusedAdamStep
+    from bnbench.train.optim import FusedAdamStep
 
     t = Trainer(make_config(seeds=(0,)), subset(mnist_cpu["float32"], 500, 100), accelerator)
     ((opt, _, update, _),) = t.groups
@@ -214,7 +214,7 @@ def test_fused_losses_follow_the_module_as_it_changes(mnist_cpu):
     are copies, made again every step. Each time, bitwise the losses of forward + cross-entropy."""
     import copy
 
-    from bnbench.models import member_losses
+    from bnbench.train.models import member_losses
 
     inits = [init_linears(s, (784, 24, 10)) for s in range(2)]
     net = StackedMLP(inits, bn=(True, False))

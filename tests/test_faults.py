@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bnbench import cli
-from bnbench.results import ResultsWriter, read_results
+from bnbench.store.results import ResultsWriter, read_results
 
 FINAL = {"bn": [0.97, 0.972, 0.974], "nobn": [0.96, 0.962, 0.963]}
 

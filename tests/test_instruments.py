@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnbench.config import ConfigError, make_config
-from bnbench.distributed import Mesh
-from bnbench.layout import Layout
-from bnbench.engine import Trainer, epoch_permutation
-from bnbench.instruments import PROBE_SAMPLES, PROBE_NEURONS, QUANTILES
-from bnbench.models import init_linears, reference_mlp
-from bnbench.folder import INSTRUMENTS_FILE, move_rows_aside
-from bnbench.results import read_instruments, read_results
-from bnbench.run import training_function
+from bnbench.dist.groups import Mesh
+from bnbench.dist.layout import Layout
+from bnbench.train.engine import Trainer, epoch_permutation
+from bnbench.train.instruments import PROBE_SAMPLES, PROBE_NEURONS, QUANTILES
+from bnbench.train.models import init_linears, reference_mlp
+from bnbench.store.folder import INSTRUMENTS_FILE, move_rows_aside
+from bnbench.store.results import read_instruments, read_results
+from bnbench.training import training_function
 
 from conftest import make_setup, subset
 
@@ -283,7 +283,7 @@ def test_interrupted_attempt_moves_its_measures_aside(tmp_path):
 
 
 def test_report_section_states_the_measured_numbers(tmp_path, mnist_cpu, accelerator):
-    from bnbench.report import build_report
+    from bnbench.reporting.report import build_report
 
     splits = subset(mnist_cpu["float32"], 1000, 300)
     _tiny_run(tmp_path, accelerator, splits, "on", eval_every=10, instrument=True, instrument_every=2, ics_every=5)

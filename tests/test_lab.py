@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from bnbench.config import make_config
-from bnbench.report import build_report, final_rows
-from bnbench.provenance import environment
-from bnbench.results import read_results
-from bnbench.run import training_function
+from bnbench.reporting.report import build_report, final_rows
+from bnbench.store.provenance import environment
+from bnbench.store.results import read_results
+from bnbench.training import training_function
 
 from conftest import REPO, make_setup
 

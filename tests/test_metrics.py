@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from bnbench.config import make_config
-from bnbench.engine import Trainer
-from bnbench.models import reference_mlp
+from bnbench.train.engine import Trainer
+from bnbench.train.models import reference_mlp
 
 from conftest import subset
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bnbench.report import build_report, mean_ci95
-from bnbench.stats import bootstrap_ci95, paired_test, time_to_target
-from bnbench.results import ResultsWriter, read_results
+from bnbench.reporting.report import build_report, mean_ci95
+from bnbench.reporting.stats import bootstrap_ci95, paired_test, time_to_target
+from bnbench.store.results import ResultsWriter, read_results
 
 # final test accuracy per seed (epoch 2); epoch 1 is lower for everyone
 FINAL = {"bn": {0: 0.97, 1: 0.975, 2: 0.972}, "nobn": {0: 0.96, 1: 0.962, 2: 0.968}}
@@ -331,8 +331,8 @@ def test_two_varying_settings_one_figure_each_the_other_as_columns(tmp_path):
 
 
 def test_curves_draw_seeds_below_three_and_accuracy_bands_stay_in_0_1():
-    from bnbench.figures import curve_bands
-    from bnbench.report import curve_drawing
+    from bnbench.reporting.figures import curve_bands
+    from bnbench.reporting.report import curve_drawing
 
     def live(accs):
         return pd.DataFrame([dict(config="c", variant="with BN", seed=s, epoch=e, test_acc=a, test_loss=1 - a)

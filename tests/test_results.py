@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bnbench.results import ResultsWriter, read_results
+from bnbench.store.results import ResultsWriter, read_results
 
 ROW = {"run_id": "r", "variant": "bn", "seed": 0, "epoch": 1, "test_acc": 0.5, "diverged": False}  # what readers need
 
@@ -14,7 +14,7 @@ def test_meta_updates_from_parallel_writers_all_kept(tmp_path):
     # Several processes merging their run into one meta.json at once: none may be lost.
     import multiprocessing as mp
 
-    from bnbench.record import update_meta
+    from bnbench.store.record import update_meta
 
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_meta_writer, args=(str(tmp_path), i)) for i in range(4)]
@@ -31,7 +31,7 @@ def test_meta_updates_from_parallel_writers_all_kept(tmp_path):
 
 
 def _meta_writer(path, i):
-    from bnbench.record import update_meta
+    from bnbench.store.record import update_meta
 
     for n in range(20):
         update_meta(path, f"run{i}", {"n": n})
@@ -66,7 +66,8 @@ def test_a_full_disk_is_one_error_line_leaves_no_debris_and_loses_nothing(small_
     row and the torn line still there; with space again, the next run repairs and appends."""
     import signal
 
-    from bnbench import cli, folder
+    from bnbench import cli
+    from bnbench.store import folder
 
     from conftest import fill
 

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from bnbench import data
+from bnbench.train import data
 from bnbench.config import ConfigError, make_config
-from bnbench.engine import Trainer
-from bnbench.run import training_function
-from bnbench.results import SCHEMA, read_results
+from bnbench.train.engine import Trainer
+from bnbench.training import training_function
+from bnbench.store.results import SCHEMA, read_results
 
 from conftest import REPO, make_setup, subset
 
@@ -65,7 +65,7 @@ def test_rows_are_on_disk_as_each_epoch_completes(tmp_path, accelerator, mnist_c
     assert problems == [] and sorted(df["epoch"].unique()) == [1, 2]
     (meta,) = json.loads((tmp_path / "meta.json").read_text())["runs"].values()
     assert meta["status"] == "interrupted"
-    from bnbench.report import build_report
+    from bnbench.reporting.report import build_report
 
     build_report(tmp_path)  # the report says what is missing and why
     md = (tmp_path / "report" / "report.md").read_text()
@@ -208,8 +208,8 @@ def test_refuses_the_silent_multiprocess_mode(tmp_path, data_root, monkeypatch, 
 
 def test_readme_documents_every_column_and_command():
     readme = (REPO / "README.md").read_text()
-    from bnbench.instruments import MEASURES
-    from bnbench.results import INSTRUMENT_SCHEMA
+    from bnbench.train.instruments import MEASURES
+    from bnbench.store.results import INSTRUMENT_SCHEMA
 
     for col in [*SCHEMA, *INSTRUMENT_SCHEMA, *MEASURES]:
         assert f"`{col}`" in readme, f"README lacks the results column or measure {col}"
@@ -225,7 +225,8 @@ def test_a_sigterm_while_the_failure_is_recorded_still_records_it(tmp_path, acce
     # (seen in CI: the run stayed `running`). The status write finishes; the signal comes after it.
     import signal
 
-    from bnbench import cli, record
+    from bnbench import cli
+    from bnbench.store import record
 
     def peer_gone(self, stop, on_step=None):
         raise RuntimeError("Connection closed by peer")

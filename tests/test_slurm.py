@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from bnbench.config import ConfigError
-from bnbench.results import read_results
-from bnbench.sweep import run_sweep
-from bnbench.sweepfile import load_sweep
+from bnbench.store.results import read_results
+from bnbench.sweeps.runner import run_sweep
+from bnbench.sweeps.plan import load_sweep
 
 from conftest import REPO, mnist_root
 from slurm_cluster import PARTITION, Cluster, ClusterUnavailable

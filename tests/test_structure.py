@@ -6,8 +6,8 @@ import dataclasses
 
 from bnbench import cli
 from bnbench.config import Config, make_config, row_settings, row_values, run_argv, setting, settings, sweep_kinds
-from bnbench.report import config_keys
-from bnbench.results import SCHEMA
+from bnbench.reporting.report import config_keys
+from bnbench.store.results import SCHEMA
 
 from conftest import REPO
 
@@ -59,24 +59,42 @@ def test_every_setting_reaches_cli_sweep_rows_and_report():
     assert set(sweep_kinds()) == {f.name for f in settings()} - {"cpu", "repeat"}
 
 
+def _module_name(path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
 def _imports(path) -> set[str]:
-    """bnbench modules a module imports, at top level or inside functions."""
+    """bnbench modules a module imports (dotted, e.g. bnbench.train.models), at top level or inside functions."""
+    here = _module_name(path)
+    package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                mod = f"{base}.{node.module}" if node.module else base
             else:
-                found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bnbench."):
-            found.add(node.module.split(".")[1])
+                mod = node.module or ""
+            if mod.split(".")[0] != "bnbench":
+                continue
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)  # `from .sweeps import runner` imports a module
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "bnbench")
     return found
 
 
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: _imports(path) & set(modules) - {name} for name, path in modules.items()}
+
+
 def test_no_import_cycle_in_the_package():
-    modules = {p.stem: p for p in PACKAGE.glob("*.py")}
-    graph = {name: _imports(path) & set(modules) - {name} for name, path in modules.items()}
-    assert graph["report"] >= {"figures", "report_instruments"}  # the walk sees real imports
+    graph = _graph()
+    assert graph["bnbench.reporting.report"] >= {"bnbench.reporting.figures", "bnbench.reporting.instruments"}
+    assert "bnbench.sweeps.runner" in graph["bnbench.cli"]  # `from .sweeps import runner` is seen
     state: dict[str, int] = {}
 
     def visit(node, trail):
@@ -92,7 +110,64 @@ def test_no_import_cycle_in_the_package():
             visit(name, [])
 
 
+# What each subpackage may not import, directly or through another bnbench module: data flows one way.
+FORBIDDEN = {
+    "bnbench.reporting": ("bnbench.train", "bnbench.dist", "bnbench.sweeps", "bnbench.training"),
+    "bnbench.train": ("bnbench.store", "bnbench.sweeps", "bnbench.reporting", "bnbench.training", "bnbench.cli"),
+    "bnbench.dist": ("bnbench.train", "bnbench.store", "bnbench.sweeps", "bnbench.reporting", "bnbench.training",
+                     "bnbench.cli"),
+    "bnbench.store": ("bnbench.train", "bnbench.dist", "bnbench.sweeps", "bnbench.reporting", "bnbench.training",
+                      "bnbench.cli"),
+    "bnbench.sweeps": ("bnbench.reporting",),
+}
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def _violations(graph: dict[str, set[str]]) -> tuple[list[str], int]:
+    """(each module that reaches a module its layer may not import, how many modules were checked)."""
+    found, checked = [], 0
+    for name in sorted(graph):
+        for package, banned in FORBIDDEN.items():
+            if not _within(name, package):
+                continue
+            checked += 1
+            reach, todo = set(), list(graph[name])
+            while todo:  # everything it imports, transitively
+                m = todo.pop()
+                if m not in reach:
+                    reach.add(m)
+                    todo.extend(graph.get(m, ()))
+            found += [f"{name} reaches {m}: {package} may not import it"
+                      for m in sorted(reach) if any(_within(m, b) for b in banned)]
+    return found, checked
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    found, checked = _violations(_graph())
+    assert found == []
+    assert checked >= 20  # the walk found the subpackages' modules
+
+
+def test_the_layering_check_catches_a_wrong_import():
+    # A report module that imported the engine, or a model that wrote rows, would be caught.
+    graph = _graph()
+    graph["bnbench.reporting.report"] = graph["bnbench.reporting.report"] | {"bnbench.train.engine"}
+    graph["bnbench.train.models"] = graph["bnbench.train.models"] | {"bnbench.store.results"}
+    found, _ = _violations(graph)
+    assert any(v.startswith("bnbench.reporting.report reaches bnbench.train.engine") for v in found)
+    assert any(v.startswith("bnbench.train.models reaches bnbench.store.results") for v in found)
+
+
+def test_every_subpackage_says_what_it_owns():
+    for init in PACKAGE.rglob("__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc.splitlines()[0]) > 20, f"{init} needs a docstring saying what it owns"
+
+
 def test_no_module_is_too_long_to_read_at_a_sitting():
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         lines = len(path.read_text().splitlines())
-        assert lines <= 500, f"{path.name} has {lines} lines: split it by concern"
+        assert lines <= 500, f"{path.relative_to(PACKAGE)} has {lines} lines: split it by concern"

@@ -15,10 +15,10 @@ import pytest
 
 from bnbench import cli
 from bnbench.config import ConfigError, make_config, run_argv
-from bnbench.folder import FolderBusy, FolderLock, move_rows_aside, repair_tail
-from bnbench.results import ResultsWriter, read_results
-from bnbench.sweep import run_sweep
-from bnbench.sweepfile import example, load_sweep, plan
+from bnbench.store.folder import FolderBusy, FolderLock, move_rows_aside, repair_tail
+from bnbench.store.results import ResultsWriter, read_results
+from bnbench.sweeps.runner import run_sweep
+from bnbench.sweeps.plan import example, load_sweep, plan
 
 from conftest import REPO, mnist_root
 
@@ -261,7 +261,7 @@ def events(out: Path) -> list[dict]:
 
 
 def test_sweep_records_failures_resumes_and_runs_only_new_units(tmp_path, capsys):
-    from bnbench.sweep import export, status
+    from bnbench.sweeps.runner import export, status
 
     path = write(tmp_path, SMALL)
     out = tmp_path / "out"
@@ -323,7 +323,7 @@ def test_sweep_records_failures_resumes_and_runs_only_new_units(tmp_path, capsys
 
 
 def test_failed_and_diverged_units_recorded_and_the_sweep_goes_on(tmp_path, capsys):
-    from bnbench.sweep import status
+    from bnbench.sweeps.runner import status
 
     path = write(tmp_path, """
 [fixed]
@@ -356,8 +356,8 @@ case = [
 
 
 def test_status_of_a_folder_of_plain_runs(tmp_path, capsys):
-    from bnbench.record import update_meta
-    from bnbench.sweep import status
+    from bnbench.store.record import update_meta
+    from bnbench.sweeps.runner import status
 
     with ResultsWriter(tmp_path) as w:
         w.append([{**ROW, "run_id": "r1", "epoch": 1}, {**ROW, "run_id": "r1", "epoch": 1}])
@@ -374,7 +374,7 @@ def test_status_of_a_folder_of_plain_runs(tmp_path, capsys):
 def test_progress_bars_on_a_terminal_plain_lines_in_logs(tmp_path, monkeypatch, capsys):
     import io
 
-    from bnbench.sweep import Progress
+    from bnbench.sweeps.runner import Progress
 
     units = plan(load_sweep(write(tmp_path, SMALL)), cuda_available=False)
     ok, bad = units[0], units[2]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from bnbench.config import ConfigError, make_config
-from bnbench.results import read_results
-from bnbench.run import training_function
-from bnbench.tracking import check_trackers
+from bnbench.store.results import read_results
+from bnbench.training import training_function
+from bnbench.store.tracking import check_trackers
 
 from conftest import make_setup, subset
 

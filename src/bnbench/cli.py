@@ -32,9 +32,10 @@ from .config import (
     parse_seeds,
     settings,
 )
-from .folder import FolderBusy, disk_fault
-from .launch import SWEEP_CHILD_ENV, LaunchError, die_with_parent, launched_rank, launched_world
-from .tracking import check_trackers
+from .files import disk_fault
+from .store.folder import FolderBusy
+from .dist.launch import SWEEP_CHILD_ENV, LaunchError, die_with_parent, launched_rank, launched_world
+from .store.tracking import check_trackers
 
 
 def _positive_int(text: str) -> int:
@@ -195,7 +196,7 @@ def config_from_args(a) -> Config:
 
 
 def cmd_run(a) -> int:
-    from .run import Setup, training_function
+    from .training import Setup, training_function
 
     cfg = config_from_args(a)
     out = Path(a.out or f"runs/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
@@ -218,8 +219,8 @@ def cmd_run(a) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from . import sweep
-    from .sweepfile import example
+    from .sweeps import runner as sweep
+    from .sweeps.plan import example
 
     if a.example:
         print(example(), end="")
@@ -231,20 +232,20 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from . import sweep
+    from .sweeps import runner as sweep
 
     return sweep.status(a.dir)
 
 
 def cmd_export(a) -> int:
-    from . import sweep
+    from .sweeps import runner as sweep
 
     print(f"exported: {sweep.export(a.dir, a.format, a.out)}")
     return 0
 
 
 def cmd_report(a) -> int:
-    from .report import DEFAULT_TARGET, build_report
+    from .reporting.report import DEFAULT_TARGET, build_report
 
     path = build_report(a.dir, target=getattr(a, "target", None) or DEFAULT_TARGET)
     print(f"report: {path}")
@@ -252,7 +253,7 @@ def cmd_report(a) -> int:
 
 
 def cmd_data(a) -> int:
-    from . import data
+    from .train import data
 
     paths = data.locate(a.dataset, a.data_root)
     splits = data.load(a.dataset, a.data_root)

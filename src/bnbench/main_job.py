@@ -15,8 +15,8 @@ import time
 
 from . import cli
 from .config import ConfigError
-from .launch import MACHINE_OPTIONS, accelerate_command, die_with_parent
-from .layout import SYNC_BN_DP1, choose_layout
+from .dist.launch import MACHINE_OPTIONS, accelerate_command, die_with_parent
+from .dist.layout import SYNC_BN_DP1, choose_layout
 
 HELP = """\
 usage: ./launch.sh [--nproc N] [--cpu] [--num_machines M --machine_rank R --main_process_ip IP

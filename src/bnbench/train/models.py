@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import sync_batch_norm
+from ..dist.groups import sync_batch_norm
 from .fused import fused_losses, with_slot
 
 ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}

@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import Config, row_values
-from .data import Splits
-from .distributed import Mesh, check_world, from_first, gather_to_first, make_accelerator, make_mesh, same_settings
-from .engine import Trainer
-from .folder import INSTRUMENTS_FILE
-from .launch import launched_rank
-from .memory import check_fits
-from .layout import SYNC_BN_DP1, choose_layout
-from .provenance import cpu_name, environment, utcnow
-from .record import RunRecord
-from .results import ResultsWriter
-from .tracking import Live
+from .train.data import Splits
+from .dist.groups import Mesh, check_world, from_first, gather_to_first, make_accelerator, make_mesh, same_settings
+from .train.engine import Trainer
+from .store.folder import INSTRUMENTS_FILE
+from .dist.launch import launched_rank
+from .train.memory import check_fits
+from .dist.layout import SYNC_BN_DP1, choose_layout
+from .store.provenance import cpu_name, environment, utcnow
+from .store.record import RunRecord
+from .store.results import ResultsWriter
+from .store.tracking import Live
 
 
 @dataclass

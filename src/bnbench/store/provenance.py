@@ -48,7 +48,7 @@ def environment() -> dict:
     import torch
     import torchvision
 
-    from . import __version__
+    from .. import __version__
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .config import Config, ConfigError, make_config, parse_seeds, sweep_kinds
-from .layout import choose_layout
-from .memory import check_fits
+from ..config import Config, ConfigError, make_config, parse_seeds, sweep_kinds
+from ..dist.layout import choose_layout
+from ..train.memory import check_fits
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -43,7 +43,7 @@ _DESCRIBE = {"str": "a string", "int": "an integer", "float": "a number", "bool"
 
 
 def example() -> str:
-    return resources.files("bnbench").joinpath("sweep_example.toml").read_text()
+    return resources.files("bnbench.sweeps").joinpath("example.toml").read_text()
 
 
 # -- the sweep file -> units --------------------------------------------------------

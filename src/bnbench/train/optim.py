@@ -15,7 +15,7 @@ import torch
 
 _torch_optimizer = importlib.import_module("torch.optim.optimizer")  # its global step hooks (torch.optim hides the module)
 
-from .config import Config
+from ..config import Config
 
 
 def make_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Optimizer:

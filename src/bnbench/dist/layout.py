@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import Config, ConfigError, row_settings
+from ..config import Config, ConfigError, row_settings
 from .figures import LABELS, PALETTE, curve_bands, fixed_jitter, save_figure
-from .folder import META_FILE
-from .record import live_status
-from .report_instruments import inside_section
-from .report_sensitivity import sensitivity_section
-from .results import ResultsProblem, read_events, read_results
+from ..store.folder import META_FILE
+from ..store.record import live_status
+from .instruments import inside_section
+from .sensitivity import sensitivity_section
+from ..store.results import ResultsProblem, read_events, read_results
 from .stats import MIN_PAIRS, describe_p, mean_ci95, paired_test, time_to_target
 
 CHANCE = 2 / 10  # "no better than chance": at most twice the 10% of guessing one of MNIST's 10 classes

@@ -76,7 +76,7 @@ def accelerate_command(processes: int, run_args: list[str], machines: int = 1, c
     """
     per_machine = processes // machines
     if not cpu and per_machine > gpus:
-        from .config import ConfigError
+        from ..config import ConfigError
 
         raise ConfigError(f"{per_machine} processes per machine but {gpus} visible GPU(s): two ranks would share a "
                           "device, which NCCL refuses; use at most one process per GPU, or --cpu")

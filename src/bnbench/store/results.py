@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError, row_settings
+from ..config import ConfigError, row_settings
 from .folder import (
     EVENTS_FILE,
     INSTRUMENTS_FILE,

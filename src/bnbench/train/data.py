@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .folder import write_atomic
+from ..config import ConfigError
+from ..files import write_atomic
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .folder import META_FILE, write_json_atomic
+from ..files import write_json_atomic
+from .folder import META_FILE
 from .provenance import process_alive, process_identity, utcnow
 
 DIED = "died"  # recorded by the next writer for a run whose process ended without recording its end

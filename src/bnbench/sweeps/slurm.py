@@ -37,11 +37,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError, run_argv
-from .folder import INSTRUMENTS_FILE, META_FILE, RESULTS_FILE, end_torn_line
-from .launch import SWEEP_CHILD_ENV, accelerate_command, failure_cause
-from .record import update_meta
-from .results import append_lines, done_units, read_events, read_jsonl, rows_of_unit
+from ..config import ConfigError, run_argv
+from ..store.folder import INSTRUMENTS_FILE, META_FILE, RESULTS_FILE, end_torn_line
+from ..dist.launch import SWEEP_CHILD_ENV, accelerate_command, failure_cause
+from ..store.record import update_meta
+from ..store.results import append_lines, done_units, read_events, read_jsonl, rows_of_unit
 
 JOBS_DIR = "jobs"
 PROGRAMS = ("sbatch", "squeue", "sinfo", "srun")  # submitit's executor needs srun too

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 from .data import Splits
-from .distributed import (
+from ..dist.groups import (
     Mesh,
     all_reduce_sum,
     backend_name,
@@ -36,7 +36,7 @@ from .distributed import (
     make_mesh,
     shard,
 )
-from .layout import Layout
+from ..dist.layout import Layout
 from .models import StackedMLP, init_linears, member_losses, reference_mlp
 from .optim import make_optimizer, step_of, zero_grad_of
 

@@ -8,7 +8,7 @@ the record; the trackers are for watching.
 """
 from __future__ import annotations
 
-from .config import ConfigError
+from ..config import ConfigError
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 

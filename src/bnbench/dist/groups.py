@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError
+from ..config import ConfigError
 from .launch import LaunchError, launched_rank, launched_world
 from .layout import Layout
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .figures import LABELS, PALETTE, curve_bands, save_figure
-from .results import read_instruments
+from ..store.results import read_instruments
 
 
 def inside_section(out_dir: Path, df: pd.DataFrame, rep: Path, target: float):

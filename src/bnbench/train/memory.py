@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 BASE_BYTES = 300 * 2**20  # what torch and Python hold apart from the members and data, not counting shared libraries
 SHARE = 0.9  # of the memory the device has available: the rest is the OS's and other processes'

@@ -34,14 +34,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError, run_argv
-from .folder import EVENTS_FILE, META_FILE, RESULTS_FILE, FolderLock, move_rows_aside, repair_tail, write_atomic
-from .launch import SWEEP_CHILD_ENV, accelerate_command, die_with_parent, failure_cause
-from .provenance import utcnow
-from .record import live_status, update_meta
-from .results import ResultsProblem, append_lines, done_units, new_rows_of_unit, read_events, read_results, rows_of_unit
-from .sweepfile import Sweep, Unit, load_sweep, plan
-from .tracking import check_trackers
+from ..config import ConfigError, run_argv
+from ..files import write_atomic
+from ..store.folder import EVENTS_FILE, META_FILE, RESULTS_FILE, FolderLock, move_rows_aside, repair_tail
+from ..dist.launch import SWEEP_CHILD_ENV, accelerate_command, die_with_parent, failure_cause
+from ..store.provenance import utcnow
+from ..store.record import live_status, update_meta
+from ..store.results import ResultsProblem, append_lines, done_units, new_rows_of_unit, read_events, read_results, rows_of_unit
+from .plan import Sweep, Unit, load_sweep, plan
+from ..store.tracking import check_trackers
 
 PLAN_FILE = "plan.json"
 
@@ -145,7 +146,7 @@ class Runner:
         return state
 
     def _in_process(self, unit: Unit) -> str | None:
-        from .run import Setup, training_function
+        from ..training import Setup, training_function
 
         try:
             self.setup = self.setup or Setup(self.data_root, self.timeout, self.trackers,

@@ -1,0 +1,1 @@
+"""The results folder: rows appended atomically, run records, provenance, live trackers."""

@@ -1,0 +1,1 @@
+"""Training: data on the device, the lab's MLP and its stacked form, the engine, optimizers, the hand-written step."""
