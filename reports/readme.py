@@ -1,13 +1,16 @@
-"""The README's figures, computed from the committed files under reports/ (and the lab notebook).
+"""The figures of README.md and docs/*.md, computed from the committed files under reports/ (and the lab notebook).
 
-Every figure the README states about a committed result sits in a block
+Every figure the README or a docs page states about a committed result sits in a block
 
     <!-- figures: NAME (reports/readme.py) -->
     ...the text BLOCKS[NAME]() renders...
     <!-- /figures -->
 
-`python reports/readme.py` rewrites the blocks from the files; `--check` exits 1 naming each block
-that differs, and tests/test_readme.py runs the check, so a figure cannot drift from its data.
+Each block appears exactly once across README.md and docs/*.md, in the file whose text it belongs to.
+`python reports/readme.py` rewrites the blocks from the files, in whichever file holds each; `--check`
+exits 1 naming each block that differs (and its file), and tests/test_readme.py runs the check, so a
+figure cannot drift from its data. Links in a block are written from the repository root and made
+relative to the file that holds it (`reports/x.png` is `../reports/x.png` in docs/).
 Each block states how its summaries are taken (mean or median, over what). Figures outside the
 blocks are bounds the tests assert, or one-off measurements that say their date and command.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -31,6 +35,7 @@ from bnbench.reporting.stats import describe_p, paired_test, time_to_target
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))  # the manual, by topic: the blocks follow their text there
 NOTEBOOK = REPO.parent / "shared" / "reference" / "lab-9-4-batchnorm-notebook.txt"
 BENCH = HERE / "bench" / "Linux-CPython-3.11-64bit"
 STEP_BENCH = BENCH / "0007_97938412ae1eb7bf4a57caf88cdbb769dafd1db5_20261128_174559.json"
@@ -38,6 +43,7 @@ REPORT_BENCH = BENCH / "0002_74a23a02daea622544872f755df48729f15b0d9a_20261126_1
 INSTRUMENT_BENCH = BENCH / "0003_instruments.json"
 TARGET = 0.97
 BLOCK = re.compile(r"<!-- figures: (\S+) \(reports/readme\.py\) -->\n(.*?)<!-- /figures -->", re.S)
+LINK = re.compile(r"\]\((?![a-z]+:|/|#)([^)\s]+)\)")  # a markdown link or image to a repository path
 
 
 # -- reading the committed files -----------------------------------------------------------------
@@ -329,7 +335,7 @@ def perf_table() -> str:
         f"{ms('test_optimizer_step[False]'):.2f} ms (for-each) |",
         f"| ... its kernel called directly (`optim.FusedAdamStep`, bitwise Adam.step) | `test_optimizer_step` | "
         f"{ms('test_optimizer_step[direct]'):.2f} ms | {ms('test_optimizer_step[True]'):.2f} ms (Adam.step) |",
-        f"| the training losses' backward written by hand (`fused.py`, bitwise autograd's) | `test_default_step_backward` | "
+        f"| the training losses' backward written by hand (`train/fused.py`, bitwise autograd's) | `test_default_step_backward` | "
         f"{ms('test_default_step_backward[hand-written]'):.2f} ms per default step | "
         f"{ms('test_default_step_backward[autograd]'):.2f} ms (autograd) |",
         f"| one `index_select` for all members' batches | `test_gather` | {ms('test_gather[index_select]'):.3f} ms | "
@@ -450,30 +456,55 @@ BLOCKS = {f.__name__: f for f in (lab, lab_time, report_example, report_bench, d
                                   perf_table, memory, lr_range, batch_size, sync_bn)}
 
 
-# -- README ----------------------------------------------------------------------------------------
+# -- README.md and docs/*.md ------------------------------------------------------------------------
 @functools.cache
 def _rendered(name: str) -> str:
     return BLOCKS[name]().rstrip("\n") + "\n"
 
 
-def render(text: str) -> tuple[str, list[str]]:
-    """The README with every block re-rendered, and the problems: blocks that differ, are unknown or missing."""
-    problems, seen = [], []
+def files() -> list[Path]:
+    """The files that may hold blocks: README.md and every docs/*.md."""
+    return [README, *DOCS]
 
-    def sub(m):
-        name, old = m.group(1), m.group(2)
-        seen.append(name)
-        if name not in BLOCKS:
-            problems.append(f"README.md: unknown figures block {name!r} (reports/readme.py has {', '.join(BLOCKS)})")
-            return m.group(0)
-        new = _rendered(name)
-        if new != old:
-            problems.append(f"README.md: block {name!r} differs from what reports/ gives:\n--- README\n{old}--- reports\n{new}")
-        return f"<!-- figures: {name} (reports/readme.py) -->\n{new}<!-- /figures -->"
 
-    out = BLOCK.sub(sub, text)
-    problems += [f"README.md: no figures block {n!r}" for n in BLOCKS if n not in seen]
-    problems += [f"README.md: figures block {n!r} appears {seen.count(n)} times" for n in set(seen) if seen.count(n) > 1]
+def read_texts() -> dict[Path, str]:
+    return {path: path.read_text() for path in files()}
+
+
+def _name(path: Path) -> str:
+    path = Path(path)
+    return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else str(path)
+
+
+def relative_links(text: str, path: Path) -> str:
+    """A block's links, written from the repository root, made relative to the file that holds it."""
+    up = Path(os.path.relpath(REPO, (REPO / path).parent)).as_posix()
+    return text if up == "." else LINK.sub(lambda m: f"]({up}/{m.group(1)})", text)
+
+
+def render(texts: dict[Path, str]) -> tuple[dict[Path, str], list[str]]:
+    """Every file's text with its blocks re-rendered, and the problems, each naming its file: blocks
+    that differ, are unknown, missing from every file, or appear more than once across the files."""
+    problems, seen = [], {}  # seen: block name -> the files holding it, once per occurrence
+    out = {}
+    for path, text in texts.items():
+        where = _name(path)
+
+        def sub(m):
+            name, old = m.group(1), m.group(2)
+            seen.setdefault(name, []).append(where)
+            if name not in BLOCKS:
+                problems.append(f"{where}: unknown figures block {name!r} (reports/readme.py has {', '.join(BLOCKS)})")
+                return m.group(0)
+            new = relative_links(_rendered(name), path)
+            if new != old:
+                problems.append(f"{where}: block {name!r} differs from what reports/ gives:\n--- {where}\n{old}--- reports\n{new}")
+            return f"<!-- figures: {name} (reports/readme.py) -->\n{new}<!-- /figures -->"
+
+        out[path] = BLOCK.sub(sub, text)
+    everywhere = ", ".join(_name(p) for p in texts)
+    problems += [f"no figures block {n!r} in {everywhere}" for n in BLOCKS if n not in seen]
+    problems += [f"{', '.join(w)}: figures block {n!r} appears {len(w)} times" for n, w in seen.items() if len(w) > 1]
     return out, problems
 
 
@@ -481,14 +512,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 naming each block that differs; write nothing")
     args = ap.parse_args(argv)
-    text = README.read_text()
-    new, problems = render(text)
+    texts = read_texts()
+    new, problems = render(texts)
     if args.check:
         for p in problems:
             print(p, file=sys.stderr)
         return 1 if problems else 0
-    if new != text:
-        README.write_text(new)
+    for path, text in new.items():
+        if text != texts[path]:
+            path.write_text(text)
     for p in problems:
         if "differs" not in p:
             print(p, file=sys.stderr)

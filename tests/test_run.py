@@ -207,7 +207,7 @@ def test_refuses_the_silent_multiprocess_mode(tmp_path, data_root, monkeypatch, 
 
 
 def test_readme_documents_every_column_and_command():
-    readme = (REPO / "README.md").read_text()
+    readme = "".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     from bnbench.train.instruments import MEASURES
     from bnbench.store.results import INSTRUMENT_SCHEMA
 

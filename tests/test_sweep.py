@@ -97,8 +97,8 @@ def test_example_prints_and_plans(tmp_path):
         (100, "adam", 1e-3, 0.0), (500, "adam", 1e-3, 0.0), (100, "sgd", 0.1, 0.9), (500, "sgd", 0.1, 0.9)}
     p = sweep_cli("sweep", path, "--dry-run", "--out", tmp_path / "o", tmp=tmp_path)
     assert p.returncode == 0 and "4 units (dry run" in p.stdout and not (tmp_path / "o").exists()
-    # The README's sweep file is valid, and plans the same units as the example.
-    readme = (REPO / "README.md").read_text()
+    # The sweep file of docs/sweeps.md is valid, and plans the same units as the example.
+    readme = (REPO / "docs" / "sweeps.md").read_text()
     snippet = readme.split("```toml\n", 1)[1].split("```", 1)[0]
     same = plan(load_sweep(write(tmp_path, snippet, "readme.toml")), cuda_available=False)
     assert [u.id for u in same] == [u.id for u in units]
