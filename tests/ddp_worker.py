@@ -47,8 +47,8 @@ def main(cases_file: str, out_dir: str) -> None:
             "states": {f"{v}/{s}": trainer.member_state(v, s) for v, s in trainer.members},
             "running": dict(zip((f"{v}/{s}" for v, s in trainer.members), running.tolist())),
             "test": test,
-            "seen": seen,  # [S, steps * b]: the samples this rank trained each of trainer.seeds on, in order
-            "seeds": trainer.seeds,
+            "seen": seen,  # [S, steps * b]: the samples this rank trained each of trainer.batch_seeds on, in order
+            "seeds": trainer.batch_seeds,
             "backend": trainer.backend,
             "local_batch": trainer.local_batch,
             "seed_group": mesh.seed_group,

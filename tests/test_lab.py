@@ -41,6 +41,7 @@ def test_default_benchmark_reproduces_the_lab(tmp_path, data_root, accelerator):
     assert acc["nobn"].mean() >= 0.955, summary
     assert (acc["bn"] > acc["nobn"]).all(), f"BN not ahead on every seed: {acc.to_dict()}"
     assert build_report(tmp_path).exists()
+    assert (df["step_impl"] == "fused").all()  # the default run takes the hand-written step (bitwise autograd's)
     print(f"final test accuracy: {summary}")
 
     # reports/lab/ holds what ./launch.sh gave when it was committed; the README quotes it.

@@ -171,3 +171,35 @@ def test_no_module_is_too_long_to_read_at_a_sitting():
     for path in PACKAGE.rglob("*.py"):
         lines = len(path.read_text().splitlines())
         assert lines <= 500, f"{path.relative_to(PACKAGE)} has {lines} lines: split it by concern"
+
+
+def test_stated_versions_are_enforced_and_agree_with_pyproject():
+    import re
+    import tomllib
+
+    from bnbench import versions
+    from bnbench.config import ConfigError
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for name, least in versions.MINIMUM.items():
+        (spec,) = [d for d in deps if re.match(rf"{name}\b", d)]
+        assert spec.startswith(f"{name}>={least[0]}.{least[1]}"), (spec, least)
+    versions.check()  # the installed ones pass
+    versions.check({"torch": "2.11.0+cu130", "accelerate": "1.15.0"})  # the GPU machine's
+    try:
+        versions.check({"torch": "2.10.2", "accelerate": "1.16.0"})
+    except ConfigError as e:
+        message = str(e)
+    else:
+        raise AssertionError("torch 2.10 was accepted")
+    assert "torch >= 2.11, found 2.10.2" in message and "\n" not in message and "pip install 'torch>=2.11'" in message
+
+
+def test_an_old_torch_stops_a_run_with_one_line(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", "2.10.0")
+    assert cli.main(["run", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bnbench: error: bnbench needs torch >= 2.11, found 2.10.0")
+    assert not (tmp_path / "r").exists()

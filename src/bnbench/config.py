@@ -18,6 +18,7 @@ from dataclasses import dataclass
 VARIANTS = ("bn", "nobn")  # BatchNorm1d after each hidden Linear / the plain MLP
 DATASETS = ("mnist", "fashion-mnist")
 ENGINES = ("stacked", "reference")
+STEP_IMPLS = ("fused", "autograd")  # train/step.py: the hand-written step or autograd, bitwise the same
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
 OPTIMIZERS = ("adam", "sgd")
 DTYPES = ("float32", "float64")
@@ -114,6 +115,9 @@ class Config:
     variants: tuple[str, ...] = setting(VARIANTS, "comma list of: bn, nobn", "strs", choices=VARIANTS)
     engine: str = setting("stacked", "stacked (all members in batched matmuls) / reference (one nn.Sequential each)",
                           "str", choices=ENGINES, column=True)
+    step_impl: str = setting("fused", "how a stacked step is computed: fused (hand-written backward, Adam's kernel "
+                             "called directly, each where it applies and after its self-check) / autograd; "
+                             "bitwise the same numbers", "str", choices=STEP_IMPLS, identity=False, later=True)
     dtype: str = setting("float32", "float32 / float64", "str", choices=DTYPES, column=True)
     sync_bn: bool = setting(False, "BN training statistics over the global batch across processes (--sync-bn)",
                             "bool", column=True)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from . import cli
+from . import cli, versions
 from .config import ConfigError
 from .dist.launch import MACHINE_OPTIONS, accelerate_command, die_with_parent
 from .dist.layout import SYNC_BN_DP1, choose_layout
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     # through argparse, a layout or device count that cannot work in one line, exit status 2.
     options = cli.build_parser().parse_args(["run", *run_args])
     try:
+        versions.check()
         layout = choose_layout(cli.config_from_args(options), total)
         if total == 1:
             return cli.main(["run", *run_args])

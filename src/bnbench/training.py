@@ -48,7 +48,7 @@ class Setup:
         return self.accelerator
 
     def data(self, cfg: Config, accelerator) -> Splits:
-        from . import data
+        from .train import data
 
         if self.splits is not None:
             return self.splits
@@ -136,6 +136,7 @@ def epoch_rows(trainer: Trainer, static: dict, epoch, running, seconds: float, t
                 "seed_group": trainer.mesh.seed_group,
                 "epoch": epoch,
                 "step": trainer.steps_done,
+                "step_impl": trainer.step_impl(variant, seed),
                 "train_loss": float(train_loss[i]) if ok else None,
                 "train_acc": int(train_correct[i]) / train_total if ok else None,
                 "test_loss": float(test_loss[i]) if ok else None,

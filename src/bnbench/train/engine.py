@@ -7,18 +7,21 @@ Engines
   stacked    all members in one StackedMLP (one per variant with --bn-drop-bias or
              --instrument): a first-layer GEMM per seed for its BN and no-BN members,
              one baddbmm per later layer, one F.batch_norm per BN layer; one backward
-             (written by hand in fused.py, bitwise autograd's) and one fused Adam
-             (elementwise, so = one Adam per member; called as optim.py says).
+             and one fused Adam (elementwise, so = one Adam per member). How the backward
+             and the update are computed is step.py's choice (--step-impl).
   reference  one torch.nn.Sequential + optimizer per member, the lab's loop.
 Both see the same batches: per seed and epoch one permutation, shared by the
 bn and nobn members of that seed, drop_last like the lab.
+
+A Trainer is built in two steps: plan_stacks (pure: which members go into which stack, and
+which rows of a step's batch each reads) and construction (modules, optimizers, wrappers).
 """
 from __future__ import annotations
 
 import hashlib
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -26,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError
-from .data import Splits
 from ..dist.groups import (
     Mesh,
     all_reduce_sum,
@@ -37,8 +39,10 @@ from ..dist.groups import (
     shard,
 )
 from ..dist.layout import Layout
-from .models import StackedMLP, init_linears, member_losses, reference_mlp
-from .optim import make_optimizer, step_of, zero_grad_of
+from . import step as seam
+from .data import Splits
+from .models import StackedMLP, init_linears, reference_mlp
+from .optim import make_optimizer
 
 
 def shuffle_seed(seed: int, epoch: int) -> int:
@@ -53,40 +57,92 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def stacked_losses(model: Callable, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    """[K*V] mean cross-entropy per member: xb [S=K, b, 784], yb [K, b]; model: any callable
-    x -> logits (instruments pass a functional_call)."""
-    return member_losses(model(xb), yb)
+# -- planning: which members go into which stack (no tensors) --------------------------------------
+@dataclass(frozen=True)
+class StackSpec:
+    """One stack as planned."""
+
+    variant: str  # its variant, or "bn,nobn" when it holds both variants of each of its seeds
+    members: slice  # positions in Trainer.members (contiguous by construction)
+    rows: slice  # its seeds' rows of a step's batch (Trainer.batch_at)
+    seeds: tuple[int, ...]  # the seeds of its members, in its order
+    variant_bn: tuple[bool, ...]  # per variant it holds: with BN
+    stacked: bool  # one StackedMLP; else one member's nn.Sequential (the reference engine)
 
 
-def fused_stacked_losses(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    """The same through StackedMLP.forward(x, labels=...): one autograd node per step in training
-    (fused.StackedLosses), and through DDP's forward when the model is wrapped."""
-    return model(xb, labels=yb)
+def plan_stacks(cfg: Config, members: list[tuple[str, int]]) -> tuple[list[int], list[StackSpec]]:
+    """(the seeds whose batches a step draws, in row order; the stacks) for one process's members
+    (variant, seed), in the run's order. Both variants of one process share a seed list when they
+    can (one batch for bn and nobn of a seed, as the lab), and then go into ONE StackedMLP: one
+    first-layer GEMM per seed for its BN and no-BN members. Not with drop_bias (the variants'
+    layers differ) nor with instruments (they measure a stack of one variant)."""
+    by_variant = {v: [s for w, s in members if w == v] for v in cfg.variants}
+    lists = [x for x in by_variant.values() if x]
+    shared = all(x == lists[0] for x in lists)
+    batch_seeds = lists[0] if shared else [s for x in lists for s in x]
+    stacked = cfg.engine == "stacked"
+    if stacked and shared and len(lists) > 1 and not cfg.bn_drop_bias and not cfg.instrument:
+        both = StackSpec(",".join(by_variant), slice(0, len(members)), slice(0, len(batch_seeds)),
+                         tuple(batch_seeds), tuple(v == "bn" for v in by_variant), True)
+        return batch_seeds, [both]
+    specs, row = [], 0
+    for v, seeds in by_variant.items():
+        if not seeds:
+            continue
+        base = members.index((v, seeds[0]))
+        if stacked:
+            specs.append(StackSpec(v, slice(base, base + len(seeds)), slice(row, row + len(seeds)), tuple(seeds),
+                                   (v == "bn",), True))
+        else:
+            specs += [StackSpec(v, slice(base + j, base + j + 1), slice(row + j, row + j + 1), (s,), (v == "bn",), False)
+                      for j, s in enumerate(seeds)]
+        if not shared:
+            row += len(seeds)
+    return batch_seeds, specs
 
 
-def reference_losses(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    """[1]: exactly the lab's step on this member's batch (xb [1, b, 784])."""
-    return F.cross_entropy(model(xb[0]), yb[0]).unsqueeze(0)
+# -- what a Trainer holds ---------------------------------------------------------------------------
+@dataclass
+class Stack:
+    """What one module computes: a StackedMLP of its members, or one member's Sequential."""
+
+    spec: StackSpec
+    net: nn.Module  # the bare module: evaluation, state, buffers
+    losses_module: seam.Losses  # (x, labels) -> [members] losses; its .through(...) for other weights
+    model: nn.Module  # what training calls: losses_module, DDP-wrapped when its data-parallel group has several processes
+    losses: Callable  # (model, xb, yb) -> [members] losses; torch.compile'd with --compile
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def variant(self) -> str:
+        return self.spec.variant
+
+    @property
+    def members(self) -> slice:
+        return self.spec.members
+
+    @property
+    def rows(self) -> slice:
+        return self.spec.rows
+
+    @property
+    def step_impl(self) -> str:
+        return self.losses_module.step_impl
 
 
 @dataclass
-class Stack:
-    """What one optimizer steps: a StackedMLP of one variant's members, or one member's Sequential."""
+class OptimizerGroup:
+    """One optimizer and the stacks it steps: one backward and one update per training step."""
 
-    variant: str
-    members: slice  # positions in Trainer.members (contiguous by construction)
-    rows: slice  # its members' rows of a step's batch (Trainer.batch_at), in member order
-    model: nn.Module  # what training calls: DDP-wrapped when its data-parallel group has several processes
     optimizer: torch.optim.Optimizer
-    net: nn.Module  # the bare module: evaluation, state, buffers
-    losses: Callable  # (model, xb, yb) -> [members] losses; torch.compile'd with --compile
-    eager_losses: Callable  # the same, never compiled (instruments call it with other weights)
+    zero_grad: Callable[[], None]
+    update: Callable[[], None]  # step.update_of: the optimizer's step, or Adam's kernel called directly
+    stacks: list[Stack] = field(default_factory=list)
 
 
 class Trainer:
-    """Holds one process's members of a config on one device and moves them through epochs:
-    one Stack per optimizer. Its members are its seed group's share (all of them in one process)."""
+    """Holds one process's members of a config on one device and moves them through epochs. Its
+    members are its seed group's share (all of them in one process)."""
 
     def __init__(self, cfg: Config, splits: Splits, accelerator, mesh: Mesh | None = None):
         self.cfg, self.splits, self.accelerator = cfg, splits, accelerator
@@ -94,11 +150,32 @@ class Trainer:
         self.dtype = getattr(torch, cfg.dtype)
         all_members = [(v, s) for v in cfg.variants for s in cfg.seeds]
         self.mesh = mesh or make_mesh(Layout(1, 1, len(all_members)), 0)  # one process (in a group of one, if any)
-        layout, self.group = self.mesh.layout, self.mesh.group
+        layout, self.dp_group = self.mesh.layout, self.mesh.group
         self.world_size, self.dp, self.rank = layout.world, layout.dp, self.mesh.dp_rank
         self.batch = cfg.global_batch(self.dp)  # global: every member, every step, over the data-parallel group
         self.local_batch = self.batch // self.dp  # this process's slice of it
-        n = splits.train_x.shape[0]
+        self._check(splits)
+        # Any data-parallel process group (even of one process, as in bench/) runs the cross-process
+        # path; a seed group of one process among several holds its whole batch: plain BN is sync BN.
+        self.sync_bn = cfg.sync_bn and self.dp_group is not None
+        self.backend = backend_name()
+        self.members = all_members[self.mesh.members]  # this seed group's share, in the run's order
+        self.batch_seeds, specs = plan_stacks(cfg, self.members)
+        nets = [self._build(spec) for spec in specs]
+        self.stacks: list[Stack] = []
+        self.optimizer_groups: list[OptimizerGroup] = []
+        for spec, net, opt in zip(specs, nets, self._optimizers(nets)):
+            self._add(spec, net, opt)
+        self.steps_done = 0
+        self.instruments = None
+        if cfg.instrument:
+            from .instruments import Instruments
+
+            self.instruments = Instruments(cfg, self.members, splits.test_x, sync=self._sync)
+        self.diverged = torch.zeros(len(self.members), dtype=torch.bool)
+
+    def _check(self, splits: Splits) -> None:
+        cfg, n = self.cfg, splits.train_x.shape[0]
         if self.batch > n:
             raise ConfigError(f"global batch {self.batch} exceeds the {n} training samples")
         # With sync BN the statistics span the global batch; without, each process's slice.
@@ -109,98 +186,56 @@ class Trainer:
             # Its extra forwards and backwards would have to run in lock-step on every rank.
             raise ConfigError(f"--instrument measures in one process; this launch has {self.world_size}. "
                               "Launch it without --nproc / several processes.")
-        # Any data-parallel process group (even of one process, as in bench/) runs the cross-process
-        # path; a seed group of one process among several holds its whole batch: plain BN is sync BN.
-        self.sync_bn = cfg.sync_bn and self.group is not None
-        self.backend = backend_name()
-        self.members = all_members[self.mesh.members]  # this seed group's share, in the run's order
-        # The seeds whose batches a step draws, each stack's a contiguous run of them. Both variants of
-        # one process share a seed list when they can (one batch for bn and nobn of a seed, as the lab).
-        by_variant = {v: [s for w, s in self.members if w == v] for v in cfg.variants}
-        lists = [x for x in by_variant.values() if x]
-        shared = all(x == lists[0] for x in lists)
-        self.seeds = lists[0] if shared else [s for x in lists for s in x]
-        inits = {s: [(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)]
-                 for s in dict.fromkeys(self.seeds)}
-        built = []  # (variant, members, rows, net, losses): the stacks, before they get optimizers
-        row = 0
-        # Both variants of each seed in ONE StackedMLP: one first-layer GEMM per seed for its BN and
-        # no-BN members (models.StackedMLP). Not with drop_bias (the variants' layers differ) nor
-        # with instruments (they measure a stack of one variant).
-        pair = (cfg.engine == "stacked" and shared and len(lists) > 1 and not cfg.bn_drop_bias
-                and not cfg.instrument)
-        if pair:
-            net = StackedMLP([inits[s] for s in self.seeds], bn=tuple(v == "bn" for v in by_variant),
-                             activation=cfg.activation, sync_bn=self.sync_bn, group=self.group)
-            built.append((",".join(by_variant), slice(0, len(self.members)), slice(0, len(self.seeds)), net,
-                          stacked_losses))
-            by_variant = {}
-        for v, seeds in by_variant.items():
-            if not seeds:
-                continue
-            base = self.members.index((v, seeds[0]))
-            if cfg.engine == "stacked":
-                net = StackedMLP([inits[s] for s in seeds], bn=(v == "bn"), activation=cfg.activation,
-                                 sync_bn=self.sync_bn, drop_bias=cfg.bn_drop_bias, group=self.group)
-                built.append((v, slice(base, base + len(seeds)), slice(row, row + len(seeds)), net, stacked_losses))
-            else:
-                for j, s in enumerate(seeds):
-                    net = reference_mlp(inits[s], bn=(v == "bn"), activation=cfg.activation, drop_bias=cfg.bn_drop_bias)
-                    if self.sync_bn and v == "bn":
-                        net = convert_sync_bn(net, self.backend, self.group)
-                    built.append((v, slice(base + j, base + j + 1), slice(row + j, row + j + 1), net, reference_losses))
-            if not shared:
-                row += len(seeds)
-        nets = [b[3].to(self.device) for b in built]  # fused optimizers want their parameters placed first
-        if cfg.engine == "stacked":
-            # ONE optimizer for every stack: Adam and SGD are elementwise, so this is the update of one
-            # optimizer per stack, in one fused call and one autograd pass per step (step()).
-            opts = [make_optimizer(cfg, [p for n in nets for p in n.parameters()], fused=True)] * len(nets)
+
+    def _build(self, spec: StackSpec) -> nn.Module:
+        """The module of a planned stack, on the device (fused optimizers want their parameters placed first)."""
+        cfg = self.cfg
+        inits = [[(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)] for s in spec.seeds]
+        if spec.stacked:
+            net = StackedMLP(inits, bn=spec.variant_bn, activation=cfg.activation, sync_bn=self.sync_bn,
+                             drop_bias=cfg.bn_drop_bias, process_group=self.dp_group)
         else:
-            opts = [make_optimizer(cfg, n.parameters()) for n in nets]  # the lab's: one per member
-        self.stacks: list[Stack] = []
-        # optimizer, its zero_grad and step as a step calls them (optim.py), its stacks
-        self.groups: list[tuple[torch.optim.Optimizer, Callable, Callable, list[Stack]]] = []
+            (bn,) = spec.variant_bn
+            net = reference_mlp(inits[0], bn=bn, activation=cfg.activation, drop_bias=cfg.bn_drop_bias)
+            if self.sync_bn and bn:
+                net = convert_sync_bn(net, self.backend, self.dp_group)
+        return net.to(self.device)
+
+    def _optimizers(self, nets: list[nn.Module]) -> list[torch.optim.Optimizer]:
+        """One optimizer per net (the lab's, one per member), except for the stacked engine: ONE for
+        every stack. Adam and SGD are elementwise, so that is the update of one optimizer per stack,
+        in one fused call and one autograd pass per step."""
+        if self.cfg.engine == "stacked":
+            opts = [make_optimizer(self.cfg, [p for n in nets for p in n.parameters()], fused=True)] * len(nets)
+        else:
+            opts = [make_optimizer(self.cfg, n.parameters()) for n in nets]
         if self.mesh.layout.seed_groups == 1:  # Accelerate's optimizer over the world's models (as prepare(net, opt))
             prepared = {id(o): self.accelerator.prepare(o) for o in opts}
             opts = [prepared[id(o)] for o in opts]
-        for (v, members, rows, _, losses), net, opt in zip(built, nets, opts):
-            self._add(v, members, rows, net, losses, opt)
-        self.steps_done = 0
-        self.instruments = None
-        if cfg.instrument:
-            from .instruments import Instruments
+        return opts
 
-            self.instruments = Instruments(cfg, self.members, splits.test_x, sync=self._sync)
-        self.diverged = torch.zeros(len(self.members), dtype=torch.bool)
-
-    def _add(self, variant: str, members: slice, rows: slice, net: nn.Module, losses: Callable,
-             opt: torch.optim.Optimizer) -> None:
+    def _add(self, spec: StackSpec, net: nn.Module, opt: torch.optim.Optimizer) -> None:
+        losses_module = seam.Losses(net, seam.hand_written(self.cfg, net, self.sync_bn))
         with warnings.catch_warnings():
             # DDP's broadcast_buffers=False, which torch now calls deprecated in favour of
             # forward_sync_buffers; both skip the per-step buffer broadcast we avoid.
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
             if self.mesh.layout.seed_groups == 1:
-                model = self.accelerator.prepare(net)  # Accelerate's DDP over the world (none alone)
+                model = self.accelerator.prepare(losses_module)  # Accelerate's DDP over the world (none alone)
             elif self.dp > 1:
                 # Accelerate's DDP spans the world and cannot take a subgroup: a data-parallel
                 # group of a mesh is wrapped here, as Accelerate would wrap the world.
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                model = nn.parallel.DistributedDataParallel(net, device_ids=ids, process_group=self.group,
-                                                            broadcast_buffers=False)
+                model = nn.parallel.DistributedDataParallel(losses_module, device_ids=ids,
+                                                            process_group=self.dp_group, broadcast_buffers=False)
             else:
-                model = net  # a seed group of one process has no gradients to average
-        eager = losses
-        if self.cfg.compile:
-            losses = torch.compile(losses)
-        elif losses is stacked_losses:
-            losses = fused_stacked_losses
-        stack = Stack(variant, members, rows, model, opt, self.accelerator.unwrap_model(model), losses, eager)
+                model = losses_module  # a seed group of one process has no gradients to average
+        losses = torch.compile(seam.call) if self.cfg.compile else seam.call
+        stack = Stack(spec, net, losses_module, model, losses, opt)
         self.stacks.append(stack)
-        if self.groups and self.groups[-1][0] is opt:
-            self.groups[-1][3].append(stack)
-        else:
-            self.groups.append((opt, zero_grad_of(opt), step_of(opt), [stack]))
+        if not self.optimizer_groups or self.optimizer_groups[-1].optimizer is not opt:
+            self.optimizer_groups.append(OptimizerGroup(opt, seam.zero_grad_of(opt), seam.update_of(self.cfg, opt)))
+        self.optimizer_groups[-1].stacks.append(stack)
 
     def warm_up(self) -> float:
         """With --compile: compile every stack's forward and backward on the first batch, then
@@ -225,9 +260,9 @@ class Trainer:
         return self.splits.train_x.shape[0] // self.batch  # drop_last, as the lab
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        """[S, N] permutations, one per seed of self.seeds, on the device."""
+        """[S, N] permutations, one per seed of self.batch_seeds, on the device."""
         n = self.splits.train_x.shape[0]
-        return torch.stack([epoch_permutation(s, epoch, n) for s in self.seeds]).to(self.device)
+        return torch.stack([epoch_permutation(s, epoch, n) for s in self.batch_seeds]).to(self.device)
 
     def local_indices(self, order: torch.Tensor, t: int) -> torch.Tensor:
         """[S, b]: the samples this rank trains on in step t, its slice of the global batch."""
@@ -237,7 +272,7 @@ class Trainer:
     def batch_at(self, order: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step t's inputs [S, b, 784] and labels [S, b] for every seed: one index_select each."""
         idx = self.local_indices(order, t).reshape(-1)
-        s = len(self.seeds)
+        s = len(self.batch_seeds)
         # index_select is ~3x faster than x[idx] on the CPU.
         xb = self.splits.train_x.index_select(0, idx).view(s, self.local_batch, -1)
         yb = self.splits.train_y.index_select(0, idx).view(s, self.local_batch)
@@ -247,8 +282,9 @@ class Trainer:
         """One optimizer step of every member; adds each member's batch loss to loss_sum (on the device).
         One backward and one update per optimizer (the stacked engine has one for all its stacks)."""
         probe = self.instruments
-        for _, zero_grad, update, stacks in self.groups:
-            zero_grad()
+        for group in self.optimizer_groups:
+            group.zero_grad()
+            stacks = group.stacks
             losses = [u.losses(u.model, xb[u.rows], yb[u.rows]) for u in stacks]  # views of the batch
             total = losses[0].sum()
             for more in losses[1:]:
@@ -258,7 +294,7 @@ class Trainer:
             if probe is not None:
                 for u in stacks:
                     probe.before_step(u, xb[u.rows], yb[u.rows], self.steps_done)
-            update()
+            group.update()
             for u, lost in zip(stacks, losses):
                 if probe is not None:
                     probe.after_step(u, xb[u.rows], yb[u.rows], self.steps_done)
@@ -291,10 +327,10 @@ class Trainer:
             if on_step is not None:
                 on_step(g + 1 - start)
         # Equal slices: the mean of the group's slice losses is the global-batch loss.
-        all_reduce_sum(loss_sum, self.group)
+        all_reduce_sum(loss_sum, self.dp_group)
         if not self.sync_bn:
             # Each process's BN running statistics followed its own slice: from here on, all hold the first's.
-            broadcast_buffers([u.net for u in self.stacks], self.group)
+            broadcast_buffers([u.net for u in self.stacks], self.dp_group)
         self._sync()
         seconds = time.perf_counter() - t0 - ((self.instruments.seconds - measured) if self.instruments else 0.0)
         return (loss_sum / ((stop - start) * self.dp)).cpu(), seconds
@@ -336,8 +372,8 @@ class Trainer:
                 # max(1).indices is argmax(1) (the first maximal class, NaN counting as maximal), in a
                 # kernel that reads the strided class axis 6x faster: 5 vs 30 ms per 10,000 x 10 members.
                 correct[u.members] += (by_class.max(1).indices == yc).sum(1)
-        all_reduce_sum(loss_sum, self.group)
-        all_reduce_sum(correct, self.group)
+        all_reduce_sum(loss_sum, self.dp_group)
+        all_reduce_sum(correct, self.dp_group)
         total = x.shape[0]
         return (loss_sum / total).cpu(), correct.cpu(), total
 
@@ -348,6 +384,10 @@ class Trainer:
             if u.members.start <= i < u.members.stop:
                 return u, i - u.members.start
         raise KeyError((variant, seed))
+
+    def step_impl(self, variant: str, seed: int) -> str:
+        """How the member's training step is computed (step.py): fused (hand-written) / autograd."""
+        return self._stack(variant, seed)[0].step_impl
 
     def member_state(self, variant: str, seed: int) -> dict[str, torch.Tensor]:
         """The member's weights and BN buffers under nn.Sequential's keys, whatever the engine."""

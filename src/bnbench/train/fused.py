@@ -2,22 +2,25 @@
 
 Through StackedMLP.forward, a default step builds ~40 autograd nodes (GEMMs, views of the stacked
 parameters, BN, the copies in and out of the BN half, cross-entropy); their bookkeeping, not their
-arithmetic, cost ~0.6 ms of a default step (2 cores, 2026-11-28: 6.45 ms through autograd, 5.89 ms
-by hand; bench/test_step.py::test_default_step_backward). Here the forward runs outside autograd and keeps what the backward
-needs; the backward calls the ATen ops that autograd's own formulas call (bmm, sum, div,
-threshold_backward, _batch_norm_impl_index_backward, nll_loss2d_backward, _log_softmax_backward_data)
-on the same operands, so the gradients are bitwise autograd's (tests/test_engines.py proves it).
+arithmetic, is a real share of a small net's step (bench/test_step.py::test_default_step_backward
+times both; docs/performance.md has the figures). Here the model's own trunk (StackedMLP.trunk,
+the layers written once) runs outside autograd and keeps what the backward needs; the backward
+calls the ATen ops that autograd's own formulas call (bmm, sum, div, threshold_backward,
+_batch_norm_impl_index_backward, nll_loss2d_backward, _log_softmax_backward_data) on the same
+operands, so the gradients are bitwise autograd's (tests/test_engines.py proves it, and
+step.py checks it once per process before using it).
 
-Training only, without sync BN (its cross-process autograd function stays in StackedMLP.forward),
-taps, an input that wants a gradient or autocast: StackedMLP.forward(x, labels=...) chooses; the
-engine passes labels unless --compile. Its gradients are first-order only (no create_graph), and
-like autograd it refuses a backward after a parameter changed in place since the forward.
+Training only, without sync BN, taps, an input that wants a gradient or autocast: step.py, the
+one seam, chooses (applies()). Its gradients are first-order only (no create_graph), and like
+autograd it refuses a backward after a parameter changed in place since the forward.
 """
 from __future__ import annotations
 
 import weakref
 
 import torch
+
+from .models import StackedMLP
 
 aten = torch.ops.aten
 
@@ -27,15 +30,6 @@ ACTIVATION_BACKWARD = {
     "sigmoid": aten.sigmoid_backward,
     "tanh": aten.tanh_backward,
 }
-
-
-def with_slot(grouped: torch.Tensor, slot: int, part: torch.Tensor) -> torch.Tensor:
-    """grouped [S, V, C, B] with variant `slot` replaced by part ([S, C, B] in any contiguous shape):
-    one torch.cat, as the BN half goes back among the members (forward) and its gradient (backward).
-    Returns [S*V, C, B]."""
-    s, v, c, b = grouped.shape
-    parts = [grouped[:, :slot], part.view(s, 1, c, b), grouped[:, slot + 1 :]]
-    return torch.cat([p for p in parts if p.shape[1]], 1).view(s * v, c, b)
 
 
 def _padded_grad(param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -58,9 +52,7 @@ class _Plan:
 
     def __init__(self, net):
         self.net, self.key = weakref.proxy(net), _key(net)  # the net owns its plan, not the other way
-        self.s, self.v, self.m = net.seeds, len(net.variants), net.k
-        self.slot = net.bn_slot[0] if net.bn else None
-        self.mixed = net.bn and self.v > len(net.bn_slot)
+        self.s, self.v, self.m = net.n_seeds, len(net.variant_bn), net.n_members
         self.params = stacked_params(net)
         self.has_bias = [net.bias_index[i] is not None for i in range(len(net.shapes))]
         self.widths = [fout for fout, _ in net.shapes]
@@ -68,20 +60,15 @@ class _Plan:
         self.cached = []
         for i in range(len(net.shapes)):
             ops = self.operands(i)
-            views = all(t is None or any(_same_storage(t, p) for p in self.params) for t in ops[:3] + ops[3][:2])
+            views = all(t is None or any(_same_storage(t, p) for p in self.params) for t in ops[:2] + ops[2][:2])
             self.cached.append(ops if views else None)
 
     @torch.no_grad()
     def operands(self, i: int) -> tuple:
-        """Layer i's (weight [members, out, in], GEMM weight, GEMM bias or None, BN (scale, shift,
-        running mean, running var, batches tracked) or (None,) * 5), as StackedMLP.forward uses them."""
+        """Layer i's (GEMM weight, GEMM bias or None, BN (scale, shift, running mean, running var,
+        batches tracked) or (None,) * 5), as StackedMLP.trunk and _bn use them."""
         net = self.net
-        fout, fin = net.shapes[i]
-        w, b = net.weight(i), net.bias(i)
-        gemm_w, gemm_b = w, b
-        if i == 0:  # one GEMM per seed for its V members, as StackedMLP.forward
-            gemm_w = w.reshape(self.s, self.v * fout, fin)
-            gemm_b = None if b is None else b.reshape(self.s, self.v * fout, 1)
+        w, b = net.gemm_operands(i)
         bn = (None,) * 5
         if net.bn and i < len(net.shapes) - 1:
             bn = (*net.bn_affine(i), getattr(net, f"running_mean{i}"), getattr(net, f"running_var{i}"),
@@ -89,7 +76,7 @@ class _Plan:
         # Detached: plain aliases of the storage, outside autograd's view tracking, which forbids
         # touching a no-grad view once its base has been updated in place (as every step does).
         detach = lambda t: None if t is None else t.detach()
-        return detach(w), detach(gemm_w), detach(gemm_b), tuple(map(detach, bn))
+        return detach(w), detach(b), tuple(map(detach, bn))
 
 
 def _same_storage(t: torch.Tensor, p: torch.Tensor) -> bool:
@@ -119,40 +106,31 @@ class StackedLosses(torch.autograd.Function):
     def forward(ctx, plan, x, labels, *params):
         s, v, m = plan.s, plan.v, plan.m
         net = plan.net
-        act, momentum, eps = net.act, net.bn_momentum, net.bn_eps  # read each step: a module may change them
+        momentum, eps = net.bn_momentum, net.bn_eps  # read each step: a module may change them
         ctx.act_backward, ctx.eps = ACTIVATION_BACKWARD[net.activation], eps
         ctx.versions = [p._version for p in params]  # autograd's check: no in-place change before backward
-        last = len(plan.cached) - 1
-        saved = []  # per layer: (GEMM input, BN record or None, activation output or None)
-        h = x.transpose(-1, -2)  # [S, in, B]
         layers = [ops or plan.operands(i) for i, ops in enumerate(plan.cached)]
-        for i, (_, w, b, bn) in enumerate(layers):
-            c = plan.widths[i]
-            a = torch.baddbmm(b, w, h) if b is not None else torch.bmm(w, h)
-            if i == 0:
-                a = a.view(m, c, -1)
-            if i == last:
-                saved.append((h, None, None))
-                break
-            record = None
-            if bn[0] is not None:
-                weight, bias, mean, var, tracked = bn
-                n_b = a.shape[-1]
-                part = a.view(s, v, c, n_b)[:, plan.slot] if plan.mixed else a
-                flat = part.reshape(1, -1, n_b)
-                tracked.add_(1)
+        records = {}  # hidden layer -> what BN's backward needs
+
+        def norm(i, a):
+            weight, bias, mean, var, tracked = layers[i][2]
+            if weight is None:
+                return a
+            tracked.add_(1)
+
+            def normalize(flat):
                 # F.batch_norm's own entry: it picks the kernel (native here, cuDNN where enabled on a GPU)
                 # and its backward below is the one autograd would record for that kernel.
                 out, save_mean, save_invstd, reserve, impl = aten._batch_norm_impl_index(
                     flat, weight, bias, mean, var, True, momentum, eps, torch.backends.cudnn.enabled)
-                record = (flat, save_mean, save_invstd, reserve, impl)
-                if plan.mixed:
-                    a = with_slot(a.view(s, v, c, n_b), plan.slot, out)
-                else:
-                    a = out.view(m, c, n_b)
-            r = act(a)
-            saved.append((h, record, r))
-            h = r
+                records[i] = (flat, save_mean, save_invstd, reserve, impl)
+                return out
+
+            return net.bn_members(a, normalize)
+
+        keep = []  # per layer: (GEMM input, activation output or None)
+        a = StackedMLP.trunk(net, x, [ops[:2] for ops in layers], norm, keep)
+        saved = [(h, records.get(i), r) for i, (h, r) in enumerate(keep)]
         # Cross-entropy as F.cross_entropy computes it for [m, C, B]: log_softmax over C, then
         # nll_loss2d on the [m, C, 1, B] view; members seed-major here, reordered at the end.
         n_b = a.shape[-1]
@@ -181,27 +159,22 @@ class StackedLosses(torch.autograd.Function):
         w_grads, b_grads, bn_w, bn_b = [None] * n, [None] * n, [], []
         for i in range(n - 1, -1, -1):
             h, record, r = saved[i]
-            w, _, _, bn = ctx.layers[i]
-            c = plan.widths[i]
+            w, _, bn = ctx.layers[i]
             if r is not None:  # through the activation, then BN
                 g = ctx.act_backward(g, r)
                 if record is not None:
                     flat, save_mean, save_invstd, reserve, impl = record
                     weight, _, mean, var, _ = bn
-                    if plan.mixed:
-                        grouped = g.view(s, v, c, n_b)
-                        g_out = grouped[:, plan.slot].reshape(flat.shape)
-                    else:
-                        g_out = g.view(flat.shape)
-                    g_in, g_w, g_b = aten._batch_norm_impl_index_backward(
-                        impl, flat, g_out, weight, mean, var, save_mean, save_invstd, True, ctx.eps,
-                        [True, True, True], reserve)
-                    bn_w.append(g_w)
-                    bn_b.append(g_b)
-                    if plan.mixed:
-                        g = with_slot(grouped, plan.slot, g_in)
-                    else:
-                        g = g_in.view(m, c, n_b)
+
+                    def normalize_backward(g_out):
+                        g_in, g_w, g_b = aten._batch_norm_impl_index_backward(
+                            impl, flat, g_out, weight, mean, var, save_mean, save_invstd, True, ctx.eps,
+                            [True, True, True], reserve)
+                        bn_w.append(g_w)
+                        bn_b.append(g_b)
+                        return g_in
+
+                    g = plan.net.bn_members(g, normalize_backward)  # the BN members' part, put back
             if i == 0:  # baddbmm's gradients: batch1 grad @ batch2^T (batch2 = x^T), bias summed over B
                 g = g.view(s, -1, n_b)
                 w_grads[i] = g.bmm(ctx.x)
@@ -227,3 +200,10 @@ def fused_losses(net, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[members] training losses of StackedMLP `net` (variant-major), one autograd node."""
     plan = plan_of(net)
     return StackedLosses.apply(plan, x, labels, *plan.params)
+
+
+def applies(net, x: torch.Tensor) -> bool:
+    """Whether fused_losses gives what autograd would for this call: a StackedMLP in training
+    without sync BN, one batch per seed, an input that wants no gradient of its own, no autocast."""
+    return (isinstance(net, StackedMLP) and net.training and not (net.sync_bn and net.bn) and x.dim() == 3
+            and not x.requires_grad and not torch.is_autocast_enabled(x.device.type))

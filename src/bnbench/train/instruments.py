@@ -149,7 +149,7 @@ def _gradients(u, state: dict[str, torch.Tensor], xb, yb, wrt: list[str]) -> tup
     with torch.enable_grad():
         params = {n: t.detach().requires_grad_(n in wrt) for n, t in state.items()}
         full = {**params, **_buffer_copies(u.net)}
-        losses = u.eager_losses(lambda x: functional_call(u.net, full, (x,)), xb, yb)
+        losses = u.losses_module.through(lambda x: functional_call(u.net, full, (x,)), xb, yb)
         grads = torch.autograd.grad(losses.sum(), [params[n] for n in wrt])
     return losses.detach(), dict(zip(wrt, grads))
 

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dist.groups import sync_batch_norm
-from .fused import fused_losses, with_slot
 
 ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -75,25 +74,35 @@ def reference_mlp(
     return nn.Sequential(*layers)
 
 
-class StackedMLP(nn.Module):
-    """The members of K seeds x V variants (V = len(bn): each variant with or without BN) as one module.
+def with_slot(grouped: torch.Tensor, slot: int, part: torch.Tensor) -> torch.Tensor:
+    """grouped [S, V, C, B] with variant `slot` replaced by part ([S, C, B] in any contiguous shape):
+    one torch.cat, as the BN half goes back among the members (and its gradient, in fused.py's
+    backward). Returns [S*V, C, B]."""
+    s, v, c, b = grouped.shape
+    parts = [grouped[:, :slot], part.view(s, 1, c, b), grouped[:, slot + 1 :]]
+    return torch.cat([p for p in parts if p.shape[1]], 1).view(s * v, c, b)
 
-    Members are numbered variant-major outside (k = v*K + s, engine.Trainer's order) and stored
+
+class StackedMLP(nn.Module):
+    """The members of S seeds x V variants (variant_bn[v]: variant v has BN) as one module.
+
+    Members are numbered variant-major outside (k = v*S + s, engine.Trainer's order) and stored
     seed-major inside (m = s*V + v): the V members of a seed see the same batch, so their first
     layers are ONE GEMM per seed, [V*out, in] x [in, B] (the layer with most of the FLOPs, its input
-    read once), and every later layer one torch.baddbmm over all K*V members. Weights are [out, in]
+    read once), and every later layer one torch.baddbmm over all S*V members. Weights are [out, in]
     (nn.Linear's layout) and activations run transposed, [members, C, B], so that per-member BN is
-    ONE F.batch_norm over the BN members' K*C channels viewed as [1, K*C, B]: no copy when every
-    member has BN, one out of the interleaved layout and a cat back when some have not. Measured on
-    the default step (2 cores, 2026-11-28): the [K, B, C] layout with one module per variant 9.7 ms,
-    this layout one module per variant 7.7 ms (8.7-9.0 ms in bench/), both variants in one 7.2-7.6 ms
-    (bench/), bitwise the same rows. Members share nothing: gradients, BN statistics and (elementwise) Adam states of one
-    member never touch another's. Parameters are stored [members, padded n] (ALIGN_BYTES), so a
-    member's arithmetic is the same in a module of any size; weight(i), bias(i) and bn_affine(i)
-    are the views the layers use.
+    ONE F.batch_norm over the BN members' channels viewed as [1, n*C, B]: no copy when every
+    member has BN, one out of the interleaved layout and a cat back when some have not
+    (docs/performance.md has the measurements that chose this layout). Members share nothing:
+    gradients, BN statistics and (elementwise) Adam states of one member never touch another's.
+    Parameters are stored [members, padded n] (ALIGN_BYTES), so a member's arithmetic is the same
+    in a module of any size; weight(i), bias(i), gemm_operands(i) and bn_affine(i) are the views
+    the layers use. The layers are written once, in trunk(): forward() runs it under autograd, and
+    the hand-written step (fused.py) runs the same trunk outside autograd, keeping what its
+    backward needs.
     """
 
-    bn_momentum, bn_eps = BN_MOMENTUM, BN_EPS  # what _bn and fused.py read (fused.py does not import this module)
+    bn_momentum, bn_eps = BN_MOMENTUM, BN_EPS  # read each step, by _bn and by fused.py
 
     def __init__(
         self,
@@ -102,20 +111,20 @@ class StackedMLP(nn.Module):
         activation: str = "relu",
         sync_bn: bool = False,
         drop_bias: bool = False,
-        group=None,
+        process_group=None,
     ):
         super().__init__()
-        self.variants = (bn,) if isinstance(bn, bool) else tuple(bn)  # BN or not, per variant
-        self.seeds, v = len(member_inits), len(self.variants)
-        self.k = self.seeds * v  # members
-        self.bn = any(self.variants)
-        self.bn_slot = [i for i, b in enumerate(self.variants) if b]
+        self.variant_bn = (bn,) if isinstance(bn, bool) else tuple(bn)  # per variant: has BN
+        self.n_seeds, v = len(member_inits), len(self.variant_bn)
+        self.n_members = self.n_seeds * v
+        self.bn = any(self.variant_bn)
+        self.bn_slot = [i for i, b in enumerate(self.variant_bn) if b]
         if len(self.bn_slot) > 1 and v > len(self.bn_slot):
             raise ValueError("a StackedMLP holds one BN variant, or only BN variants")
         if drop_bias and self.bn and v > 1:
             raise ValueError("drop_bias: hold the BN and the no-BN members in separate StackedMLPs")
-        self.sync_bn = sync_bn  # training statistics over every process's batch (distributed.sync_batch_norm)
-        self.group = group  # ... of this data-parallel process group (None: the world)
+        self.sync_bn = sync_bn  # training statistics over every process's batch (dist.groups.sync_batch_norm)
+        self.process_group = process_group  # ... of this data-parallel process group (None: the world)
         self.activation = activation
         self.act = ACTIVATION_FUNCTIONS[activation]
         n_layers = len(member_inits[0])
@@ -132,7 +141,7 @@ class StackedMLP(nn.Module):
         self.widths = [out for out, _ in self.shapes]
         dtype = self.weights[0].dtype
         if self.bn:  # the BN members': seeds x BN variants (one of them, or all of one)
-            nb = self.seeds * len(self.bn_slot)
+            nb = self.n_seeds * len(self.bn_slot)
             ones = [[torch.ones(c, dtype=dtype)] * nb for c in self.widths[:-1]]
             self.bn_weight = nn.ParameterList(_stacked_parameter(p) for p in ones)
             self.bn_bias = nn.ParameterList(_stacked_parameter([torch.zeros_like(x) for x in p]) for p in ones)
@@ -141,41 +150,59 @@ class StackedMLP(nn.Module):
                 self.register_buffer(f"running_var{i}", torch.ones(nb * c, dtype=dtype))
                 self.register_buffer(f"num_batches_tracked{i}", torch.tensor(0, dtype=torch.long))
 
-    def _bn(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """h: [members, C, B] (contiguous, seed-major) -> per-member batch norm over B for the BN members."""
+    @property
+    def mixed(self) -> bool:
+        """Some variants have BN and some not: the BN members are taken out of the interleaved layout."""
+        return self.bn and len(self.variant_bn) > len(self.bn_slot)
+
+    def bn_members(self, h: torch.Tensor, normalize) -> torch.Tensor:
+        """h [members seed-major, C, B] with the BN members' channels replaced by normalize(flat),
+        flat their [1, n*C, B] view (F.batch_norm's [N, C, L]: statistics over B per channel)."""
         m, c, b = h.shape
-        v = len(self.variants)
-        mixed = v > len(self.bn_slot)
-        if mixed:  # the BN variant's members, one per seed, out of the interleaved layout
-            slot = self.bn_slot[0]
-            part = h.view(self.seeds, v, c, b)[:, slot]
-        else:
-            part = h
-        n = part.shape[0]
+        if not self.mixed:
+            return normalize(h.reshape(1, m * c, b)).view(m, c, b)
+        grouped = h.view(self.n_seeds, len(self.variant_bn), c, b)
+        part = grouped[:, self.bn_slot[0]]  # the BN variant's members, one per seed
+        out = normalize(part.reshape(1, -1, b))
+        return with_slot(grouped, self.bn_slot[0], out)
+
+    def _bn(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Hidden layer i's BN of h [members, C, B] under autograd: F.batch_norm, or the
+        cross-process BN with sync_bn in training."""
         if self.training:
             getattr(self, f"num_batches_tracked{i}").add_(1)
-        flat = part.reshape(1, n * c, b)  # F.batch_norm's [N, C, L]: statistics over N*L = B per channel
         weight, bias = self.bn_affine(i)
         mean, var = getattr(self, f"running_mean{i}"), getattr(self, f"running_var{i}")
-        if self.training and self.sync_bn:
-            out = sync_batch_norm(flat[0].t(), mean, var, weight, bias, self.bn_momentum, self.bn_eps, self.group)  # [B, n*C]
-            out = out.t().reshape(n, c, b)
-        else:
-            out = F.batch_norm(flat, mean, var, weight, bias, training=self.training, momentum=self.bn_momentum,
-                               eps=self.bn_eps).view(n, c, b)
-        if not mixed:
-            return out
-        return with_slot(h.view(self.seeds, v, c, b), slot, out)
+
+        def normalize(flat):
+            if self.training and self.sync_bn:
+                out = sync_batch_norm(flat[0].t(), mean, var, weight, bias, self.bn_momentum, self.bn_eps, self.process_group)
+                return out.t().reshape(flat.shape)  # [B, n*C] -> [1, n*C, B]
+            return F.batch_norm(flat, mean, var, weight, bias, training=self.training, momentum=self.bn_momentum,
+                                eps=self.bn_eps)
+
+        return self.bn_members(h, normalize)
 
     def weight(self, i: int) -> torch.Tensor:
         """Layer i's weights [members (seed-major), out, in] (a view of the padded storage)."""
         fout, fin = self.shapes[i]
-        return _unpadded(self.weights[i], fout * fin).view(self.k, fout, fin)
+        return _unpadded(self.weights[i], fout * fin).view(self.n_members, fout, fin)
 
     def bias(self, i: int) -> torch.Tensor | None:
         """Layer i's biases [members (seed-major), out, 1] (a column: activations are [members, C, B]), or None."""
         j = self.bias_index[i]
-        return None if j is None else _unpadded(self.biases[j], self.widths[i]).view(self.k, self.widths[i], 1)
+        return None if j is None else _unpadded(self.biases[j], self.widths[i]).view(self.n_members, self.widths[i], 1)
+
+    def gemm_operands(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer i's (weight, bias or None) as its GEMM takes them: layer 0 one [V*out, in] block per
+        seed ([S, V*out, in], bias [S, V*out, 1]), every other layer one per member."""
+        w, b = self.weight(i), self.bias(i)
+        if i == 0:
+            fout, fin = self.shapes[0]
+            v = len(self.variant_bn)
+            w = w.reshape(self.n_seeds, v * fout, fin)
+            b = None if b is None else b.reshape(self.n_seeds, v * fout, 1)
+        return w, b
 
     def bn_affine(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """BN layer i's scale and shift over the BN members' channels (a copy only where C needed padding)."""
@@ -184,59 +211,62 @@ class StackedMLP(nn.Module):
 
     def _outside(self, t: torch.Tensor) -> torch.Tensor:
         """[members seed-major, ...] -> [members variant-major, ...] (a copy only when V > 1)."""
-        v = len(self.variants)
+        v = len(self.variant_bn)
         if v == 1:
             return t
-        return t.view(self.seeds, v, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+        return t.view(self.n_seeds, v, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
-    def forward(self, x: torch.Tensor, taps: list | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [K, B, in] (one batch per seed, shared by its variants) or [B, in] (one batch for all).
-        Returns [members, B, out] in variant-major order (a transposed view of [members, out, B]).
-        taps: a list that receives each hidden layer's input to the nonlinearity, [members, B, C].
-        labels [K, B]: returns instead each member's mean cross-entropy [members] (variant-major);
-        in training without sync BN through fused.StackedLosses (bitwise the same, faster)."""
-        if labels is not None:
-            # The hand-written backward gives parameter gradients once: an input that wants its own
-            # gradient, autocast or higher-order autograd go through forward + cross-entropy.
-            if (self.training and not (self.sync_bn and self.bn) and taps is None and x.dim() == 3
-                    and not x.requires_grad and not torch.is_autocast_enabled(x.device.type)):
-                return fused_losses(self, x, labels)
-            return member_losses(self.forward(x, taps), labels)
-        last = len(self.weights) - 1
-        v = len(self.variants)
-        h = x.transpose(-1, -2)  # [K, in, B]: a view; the GEMMs take it transposed
-        for i in range(len(self.weights)):
-            w, b = self.weight(i), self.bias(i)
-            fout, fin = self.shapes[i]
+    def trunk(self, x: torch.Tensor, operands, norm, keep: list | None = None) -> torch.Tensor:
+        """The layers, written once: x [S, B, in] (one batch per seed, shared by its variants) or
+        [B, in] (one batch for all) -> logits [members seed-major, out, B].
+
+        operands[i]: layer i's (weight, bias) as gemm_operands(i) gives them; norm(i, a): hidden
+        layer i's normalization of a [members, C, B] (a itself where there is none); keep: a list
+        that receives, per layer, (its GEMM input, its activation output or None for the last)."""
+        last = len(operands) - 1
+        h = x.transpose(-1, -2)  # [S, in, B]: a view; the GEMMs take it transposed
+        for i, (w, b) in enumerate(operands):
+            c, h_in = self.widths[i], h
             if i == 0 and x.dim() == 2:
                 # Shared input (evaluation): one GEMM against all members' weights stacked, [members*out, in].
-                # x W^T then a transposing copy: 44 ms for 10,000 samples x 5 members, W x^T 58 ms.
-                w2 = w.reshape(-1, fin).t()
-                h = torch.addmm(b.reshape(1, -1), x, w2) if b is not None else x @ w2
-                h = h.t().contiguous().view(self.k, fout, -1)
-            elif i == 0:
-                # One GEMM per seed for its V members: [K, V*out, in] x [K, in, B].
-                w1 = w.reshape(self.seeds, v * fout, fin)
-                b1 = None if b is None else b.reshape(self.seeds, v * fout, 1)
-                h = torch.baddbmm(b1, w1, h) if b1 is not None else torch.bmm(w1, h)
-                h = h.view(self.k, fout, -1)
+                # x W^T then a transposing copy is faster than W x^T on the CPU (docs/performance.md).
+                w2 = w.reshape(-1, w.shape[-1]).t()
+                a = torch.addmm(b.reshape(1, -1), x, w2) if b is not None else x @ w2
+                a = a.t().contiguous().view(self.n_members, c, -1)
             else:
-                h = torch.baddbmm(b, w, h) if b is not None else torch.bmm(w, h)
-            if i < last:
-                if self.bn:
-                    h = self._bn(i, h)
-                if taps is not None:
-                    taps.append(self._outside(h).transpose(1, 2))
-                h = self.act(h)
-        return self._outside(h).transpose(1, 2)
+                a = torch.baddbmm(b, w, h) if b is not None else torch.bmm(w, h)
+                if i == 0:
+                    a = a.view(self.n_members, c, -1)
+            if i == last:
+                if keep is not None:
+                    keep.append((h_in, None))
+                return a
+            h = self.act(norm(i, a))
+            if keep is not None:
+                keep.append((h_in, h))
+
+    def forward(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
+        """x: [S, B, in] (one batch per seed, shared by its variants) or [B, in] (one batch for all).
+        Returns [members, B, out] in variant-major order (a transposed view of [members, out, B]).
+        taps: a list that receives each hidden layer's input to the nonlinearity, [members, B, C]."""
+
+        def norm(i, a):
+            if self.bn:
+                a = self._bn(i, a)
+            if taps is not None:
+                taps.append(self._outside(a).transpose(1, 2))
+            return a
+
+        logits = self.trunk(x, [self.gemm_operands(i) for i in range(len(self.shapes))], norm)
+        return self._outside(logits).transpose(1, 2)
 
     def _member_views(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's tensors (k variant-major, as the engine numbers them) under the keys of
         reference_mlp(...).state_dict(), as views into the stacked ones (one place for the layout,
         read by both directions below)."""
-        v, s = divmod(k, self.seeds)
-        m = s * len(self.variants) + v  # its row inside
-        bn = self.variants[v]
+        v, s = divmod(k, self.n_seeds)
+        m = s * len(self.variant_bn) + v  # its row inside
+        bn = self.variant_bn[v]
         views: dict[str, torch.Tensor] = {}
         idx, last = 0, len(self.weights) - 1
         for i in range(len(self.weights)):

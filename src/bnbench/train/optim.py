@@ -1,15 +1,15 @@
 """The optimizers, and the cheapest call that runs each one's step exactly.
 
-A default step is ~7.5 ms on 2 cores, of which Python around the kernels is a real share: Accelerate's
-optimizer wrapper and torch.optim.Adam.step each spend more on checks than the arithmetic needs
-(measured below). Where the wrapper or the loop around the kernel would only forward the call, the
-call goes straight to what it would reach, with the same arguments, so the update is bitwise the
-same (tests/test_engines.py steps both ways side by side).
+In a small net's step, Python around the kernels is a real share: Accelerate's optimizer wrapper
+and torch.optim.Adam.step each spend more on checks than the arithmetic needs (bench/test_step.py
+times both; docs/performance.md has the figures). Where the wrapper or the loop around the kernel
+would only forward the call, the call goes straight to what it would reach, with the same
+arguments, so the update is bitwise the same (tests/test_engines.py steps both ways side by side).
+step.py, the seam, decides where it is used.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable
 
 import torch
 
@@ -30,9 +30,8 @@ def make_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Opti
 def unwrapped(opt) -> torch.optim.Optimizer:
     """What Accelerate's AcceleratedOptimizer would call, when all it would do is call it.
 
-    Its step looks for an optional package (lomo_optim) on every call, 0.2-0.3 ms of a 7.3 ms default
-    step, and its zero_grad inspects the wrapped method's signature, ~55 µs (accelerate 1.15,
-    2026-11-28). With no GradScaler, no XLA and no gradient accumulation (bnbench has none) both
+    Its step looks for an optional package (lomo_optim) on every call, and its zero_grad inspects
+    the wrapped method's signature: measurable in a small net's step. With no GradScaler, no XLA and no gradient accumulation (bnbench has none) both
     only forward the call. Anything else keeps the wrapper."""
     from accelerate.utils import DistributedType
 
@@ -47,9 +46,8 @@ def unwrapped(opt) -> torch.optim.Optimizer:
 class FusedAdamStep:
     """torch.optim.Adam(fused=True)'s step on the CPU or a GPU, as one call of the kernel it ends in.
 
-    Adam.step spends ~0.2 ms a step in Python (grouping, state checks, hooks) around a kernel of the
-    same length (2 cores, 2026-11-28: 0.40 vs 0.21 ms for one variant's 5 members,
-    bench/test_step.py::test_optimizer_step). For one param group of
+    Adam.step spends about as long in Python (grouping, state checks, hooks) as its kernel takes
+    for a small net (bench/test_step.py::test_optimizer_step times both). For one param group of
     plain Adam whose parameters all have gradients and state, it increments the steps and calls
     torch._fused_adam_ with the group's values; this does exactly that, reading the group and the
     state afresh every call (~50 µs), so a changed lr, a loaded or cleared state or a new parameter
@@ -104,17 +102,3 @@ class FusedAdamStep:
         torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=g["lr"],
                            beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
                            grad_scale=None, found_inf=None)
-
-
-def step_of(opt) -> Callable[[], None]:
-    """The optimizer's step as the engine calls it once per step."""
-    inner = unwrapped(opt)
-    if FusedAdamStep.applies(inner):
-        return FusedAdamStep(inner)
-    return inner.step
-
-
-def zero_grad_of(opt) -> Callable[[], None]:
-    """opt.zero_grad(set_to_none=True), through the wrapper only where it does more than forward."""
-    inner = unwrapped(opt)
-    return lambda: inner.zero_grad(set_to_none=True)
