@@ -49,6 +49,7 @@ def test_flat_uncompressed_and_recompressed_accepted(data_root, tmp_path):
     assert torch.equal(s.train_x, ref.train_x) and torch.equal(s.test_y, ref.test_y)
 
 
+@pytest.mark.needs_fashion_mnist
 def test_debian_fashion_mnist_accepted():
     root = Path("/usr/share/datasets/fashion-mnist")
     if not root.is_dir():

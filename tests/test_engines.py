@@ -35,10 +35,7 @@ def test_stacked_equals_reference_float64(mnist_cpu, accelerator, optimizer):
     stacked = _train(make_config(engine="stacked", **kw), splits, accelerator, epochs=2)
     ref = _train(make_config(engine="reference", **kw), splits, accelerator, epochs=2)
     assert stacked.steps_done == ref.steps_done == 120
-    # float32 figure, for the message: how far apart the two engines drift in single precision.
-    s32 = _train(make_config(engine="stacked", **{**kw, "dtype": "float32"}), subset(mnist_cpu["float32"], 6000, 2000), accelerator, epochs=2)
-    r32 = _train(make_config(engine="reference", **{**kw, "dtype": "float32"}), subset(mnist_cpu["float32"], 6000, 2000), accelerator, epochs=2)
-    f32 = max(_max_diff(s32.member_state(v, s), r32.member_state(v, s)) for v in ("bn", "nobn") for s in SEEDS)
+    # How far the engines drift apart in float32 is measured by bench/float32_drift.py, not here.
     worst = 0.0
     for v in ("bn", "nobn"):
         for s in SEEDS:
@@ -46,7 +43,7 @@ def test_stacked_equals_reference_float64(mnist_cpu, accelerator, optimizer):
             params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
             d = _max_diff(a, b, params)
             worst = max(worst, d)
-            assert d <= 1e-9, f"{v}/seed{s}: max parameter difference {d:.3e} in float64 (float32: {f32:.3e})"
+            assert d <= 1e-9, f"{v}/seed{s}: max parameter difference {d:.3e} in float64"
             if v == "bn":
                 stats = [k for k in a if k.endswith(("running_mean", "running_var"))]
                 assert _max_diff(a, b, stats) <= 1e-9, f"{v}/seed{s}: running stats differ"
@@ -56,7 +53,7 @@ def test_stacked_equals_reference_float64(mnist_cpu, accelerator, optimizer):
         lr_, cr, nr = ref.evaluate(x, y)
         assert (ls - lr_).abs().max().item() <= 1e-9
         assert torch.equal(cs, cr) and ns == nr == len(y), "accuracy must agree exactly"
-    print(f"{optimizer}, 120 steps: max parameter difference float64 {worst:.3e}, float32 {f32:.3e}")
+    print(f"{optimizer}, 120 steps: max parameter difference float64 {worst:.3e}")
 
 
 def test_bn_and_nobn_share_init_and_batches(accelerator, mnist_cpu):

@@ -90,6 +90,7 @@ def test_a_symlink_loop_is_a_problem_not_an_empty_folder(tmp_path, capsys):
     assert rc == 2 and "symlink that leads nowhere" in err and "Traceback" not in err
 
 
+@pytest.mark.needs_root
 def test_report_and_export_into_a_read_only_folder(small_tmpfs, capsys):
     if small_tmpfs is None:  # loud, not skipped: CI and ./launch.sh test run as root (root ignores chmod)
         pytest.fail("this test remounts a real tmpfs read-only and needs root (mount -o remount,ro)")

@@ -193,6 +193,7 @@ def _open_in_chromium(page: Path) -> tuple[str, list[str]]:
     return (loaded.group(1) if loaded else "no load event"), [x for x in p.stderr.splitlines() if ":CONSOLE" in x]
 
 
+@pytest.mark.needs_chromium
 def test_report_opens_in_headless_chromium_every_figure_loads(tmp_path):
     _write(tmp_path, _rows())
     page = build_report(tmp_path)
@@ -310,6 +311,7 @@ def test_sensitivity_says_when_nothing_varies(tmp_path):
     assert not list((tmp_path / "report").glob("sensitivity_*"))
 
 
+@pytest.mark.needs_chromium
 def test_two_varying_settings_one_figure_each_the_other_as_columns(tmp_path):
     rows = []
     for opt in ("adam", "sgd"):

@@ -60,6 +60,7 @@ def test_corrupt_middle_line_reported_with_number(tmp_path):
     assert len(problems) == 1 and "results.jsonl:2: unparsable line" in problems[0]
 
 
+@pytest.mark.needs_root
 def test_a_full_disk_is_one_error_line_leaves_no_debris_and_loses_nothing(small_tmpfs, data_root, monkeypatch, capsys):
     """Issue 19: on a full disk `bnbench run` gave a traceback, left .meta.json.tmp<pid> and, the
     next time, an empty torn.log. Now: one error line, exit 1, no temporary files, every completed

@@ -107,6 +107,8 @@ def test_no_slurm_commands_is_a_clear_error(tmp_path, monkeypatch):
 
 
 # -- against the cluster ----------------------------------------------------------------------------
+@pytest.mark.needs_root
+@pytest.mark.needs_slurm
 def test_a_missing_partition_is_refused_before_any_job(cluster, tmp_path):
     before = jobs(cluster)
     out = tmp_path / "out"
@@ -116,6 +118,8 @@ def test_a_missing_partition_is_refused_before_any_job(cluster, tmp_path):
     assert not out.exists() and set(jobs(cluster)) <= set(before)  # no folder, no job
 
 
+@pytest.mark.needs_root
+@pytest.mark.needs_slurm
 def test_a_cancelled_job_is_a_failed_unit_and_the_rerun_retries_it(cluster, tmp_path):
     path = write(tmp_path, SWEEP.split("[grid]")[0] + "[grid]\nlr = [1e-2]\n")  # one unit
     out = tmp_path / "out"
@@ -147,6 +151,8 @@ def test_a_cancelled_job_is_a_failed_unit_and_the_rerun_retries_it(cluster, tmp_
     assert problems == [] and len(rows) == 4 and set(rows["lr"]) == {1e-2}  # 2 seeds x 2 variants, once
 
 
+@pytest.mark.needs_root
+@pytest.mark.needs_slurm
 def test_a_killed_sweep_leaves_its_jobs_the_rerun_adopts_them_and_rows_equal_the_local_executor(cluster, tmp_path):
     path = write(tmp_path, SWEEP)
     local = tmp_path / "local"
