@@ -198,8 +198,13 @@ def config_from_args(a) -> Config:
 def cmd_run(a) -> int:
     from .training import Setup, training_function
 
+    from .store.results import refuse_own_file
+
     cfg = config_from_args(a)
     out = Path(a.out or f"runs/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    refuse_own_file(out, "--out")  # before any folder or process is made
+    if a.logging_dir:
+        refuse_own_file(a.logging_dir, "--logging-dir")
     child = bool(os.environ.get(SWEEP_CHILD_ENV))
     if child:
         die_with_parent(signal.SIGTERM)  # a sweep killed with -9 takes its units down with it

@@ -22,7 +22,7 @@ from ..store.folder import META_FILE
 from ..store.record import live_status
 from .instruments import inside_section
 from .sensitivity import sensitivity_section
-from ..store.results import ResultsProblem, read_events, read_results
+from ..store.results import ResultsProblem, read_events, read_results, refuse_own_file
 from .stats import MIN_PAIRS, describe_p, mean_ci95, paired_test, time_to_target
 
 CHANCE = 2 / 10  # "no better than chance": at most twice the 10% of guessing one of MNIST's 10 classes
@@ -58,59 +58,131 @@ def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df.groupby(["run_id", "variant", "seed"], as_index=False).tail(1).reset_index(drop=True)
 
 
-def accuracy_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """One run per (config, seed) for the accuracy statistics: a repeat trains the same numbers
-    again, and counting it twice would shrink every interval."""
-    if "repeat" in df:
+MEMBER = ["config", "variant", "seed"]  # what one result is of; a run_id says which attempt gave it
+
+
+def member_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Every member (run_id, variant, seed) of the rows, repeat 0: its config, the last epoch it recorded,
+    the epochs it was to train (planned_epochs), whether it got there (complete), when it last wrote,
+    and whether the report uses it (used: see accuracy_rows)."""
+    if "repeat" in df:  # a repeat trains the same numbers again: counting it twice would shrink every interval
         df = df[df["repeat"].fillna(0) == 0]
-    first = df.sort_values(["time"] if "time" in df else ["run_id"]).drop_duplicates(["config", "variant", "seed"])[["config", "variant", "seed", "run_id"]]
-    return df.merge(first, on=["config", "variant", "seed", "run_id"])
+    d = df.assign(_order=np.arange(len(df)), _time=df["time"].fillna("").astype(str) if "time" in df else "",
+                  _planned=df["epochs"].astype(float) if "epochs" in df else np.nan)
+    m = d.groupby([*MEMBER, "run_id"], sort=False).agg(last_epoch=("epoch", "max"), planned_epochs=("_planned", "max"),
+                                                       when=("_time", "max"), order=("_order", "max")).reset_index()
+    m["planned_epochs"] = m["planned_epochs"].fillna(m["last_epoch"])  # rows that do not say: taken as whole
+    m["complete"] = m["last_epoch"] >= m["planned_epochs"]
+    # The latest complete member; where none is complete, the one that got furthest, then the latest.
+    progress = m["last_epoch"].where(~m["complete"], np.inf)
+    ranked = m.assign(_progress=progress).sort_values(["complete", "_progress", "when", "order"], kind="stable")
+    chosen = ranked.groupby(MEMBER, sort=False).tail(1).index
+    m["used"] = m.index.isin(chosen)
+    return m
+
+
+def accuracy_rows(df: pd.DataFrame, members: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The rows every accuracy statistic reads: per (config, variant, seed) one member's rows, those of the
+    latest complete run (a rerun after an interrupted run, a unit rerun after a kill), never an incomplete
+    one while a complete one exists; where there is none, the incomplete member that got furthest (then the
+    latest), its rows marked complete=False. Repeats (repeat > 0) train the same numbers again: left out."""
+    members = member_table(df) if members is None else members
+    used = members.loc[members["used"], [*MEMBER, "run_id", "complete", "planned_epochs"]]
+    return df.merge(used, on=[*MEMBER, "run_id"])
 
 
 def final_table(final: pd.DataFrame) -> pd.DataFrame:
-    """Final test accuracy per config and variant: mean, std, t-interval, min, max, n (diverged counted apart)."""
+    """Test accuracy per config, variant and the epoch it is at: mean, std, t-interval, min, max, n (diverged
+    counted apart). Complete members are at their last epoch; members with no complete run form rows of
+    their own, one per epoch they reached: no row mixes epochs."""
     out = []
-    for (cfg, variant), g in final.groupby(["config", "variant"], sort=True):
+    if "complete" not in final:
+        final = final.assign(complete=True, planned_epochs=final["epoch"])
+    for (cfg, variant, epoch), g in final.groupby(["config", "variant", "epoch"], sort=True):
         acc = g.loc[~g["diverged"], "test_acc"].astype(float)
         lo, hi = mean_ci95(acc)
         out.append({"config": cfg, "variant": variant, "mean": acc.mean(), "std": acc.std(ddof=1) if len(acc) > 1 else float("nan"),
                     "ci95_low": lo, "ci95_high": hi, "min": acc.min(), "max": acc.max(), "n": int(len(acc)),
-                    "diverged": int(g["diverged"].sum()), "epoch": int(g["epoch"].max())})
-    return pd.DataFrame(out)
+                    "diverged": int(g["diverged"].sum()), "epoch": float(epoch), "planned_epochs": float(g["planned_epochs"].max()),
+                    "complete": bool(g["complete"].all())})
+    table = pd.DataFrame(out)
+    if len(table):  # per config and variant: the complete row first, then the incomplete ones, furthest first
+        table = table.sort_values(["config", "variant", "complete", "epoch"], ascending=[True, True, False, False])
+    return table.reset_index(drop=True)
 
 
-def paired_differences(final: pd.DataFrame) -> pd.DataFrame:
-    """BN - no-BN final test accuracy per (config, seed): a paired comparison (same init, same batches)."""
-    live = final[~final["diverged"]]
-    piv = live.pivot_table(index=["config", "seed"], columns="variant", values="test_acc", aggfunc="first")
+PAIR_COLUMNS = ["config", "seed", "epoch", "complete", "bn", "nobn", "difference"]
+
+
+def paired_differences(final: pd.DataFrame, acc: pd.DataFrame | None = None) -> pd.DataFrame:
+    """BN - no-BN test accuracy per (config, seed): a paired comparison (same init, same batches), at one
+    epoch for both: the last epoch where both are complete, else the last epoch both reached (from acc,
+    every epoch of each member; complete=False). Diverged members there are left out."""
+    acc = final if acc is None else acc
+    if "complete" not in final:
+        final = final.assign(complete=True)
+    ends = final.pivot_table(index=["config", "seed"], columns="variant", values="epoch", aggfunc="max")
+    if not {"bn", "nobn"} <= set(ends.columns):
+        return pd.DataFrame(columns=PAIR_COLUMNS)
+    ends = ends.dropna(subset=["bn", "nobn"])
+    at = ends[["bn", "nobn"]].min(axis=1).rename("_at").reset_index()
+    whole = final.groupby(["config", "seed"])["complete"].all().rename("complete").reset_index()
+    rows = acc.drop(columns=["complete"], errors="ignore").merge(at, on=["config", "seed"])
+    rows = rows[(rows["epoch"] == rows["_at"]) & ~rows["diverged"]]
+    piv = rows.pivot_table(index=["config", "seed", "epoch"], columns="variant", values="test_acc", aggfunc="first")
     if not {"bn", "nobn"} <= set(piv.columns):
-        return pd.DataFrame(columns=["config", "seed", "bn", "nobn", "difference"])
-    piv = piv.dropna(subset=["bn", "nobn"]).reset_index()
+        return pd.DataFrame(columns=PAIR_COLUMNS)
+    piv = piv.dropna(subset=["bn", "nobn"]).reset_index().merge(whole, on=["config", "seed"])
     piv["difference"] = piv["bn"] - piv["nobn"]
-    return piv[["config", "seed", "bn", "nobn", "difference"]]
+    return piv[PAIR_COLUMNS]
 
 
 def verdicts(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Per config: the paired test of BN - no-BN final test accuracy, and a sentence that says it."""
+    """Per config (and, for pairs without a complete run, per epoch they are at): the paired test of
+    BN - no-BN test accuracy, and a sentence that says it."""
     out = []
-    for cfg, g in pairs.groupby("config"):
+    if "complete" not in pairs:
+        pairs = pairs.assign(complete=True, epoch=np.nan)
+    for (cfg, complete, epoch), g in pairs.groupby(["config", "complete", "epoch"], sort=False, dropna=False):
         t = paired_test(g["bn"], g["nobn"])
         d = t["mean_diff"] * 100
+        what = "final test accuracy" if complete else f"test accuracy at epoch {epoch:g}"
+        label = cfg if complete else f"{cfg}, incomplete runs (seeds without a complete run of both variants; epoch {epoch:g})"
         if t["enough"] and (g["bn"] == g["nobn"]).all():
-            text = (f"{cfg}: BN and no-BN reach the same final test accuracy on each of the {t['n']} paired seeds "
+            text = (f"{label}: BN and no-BN reach the same {what} on each of the {t['n']} paired seeds "
                     f"(every difference is 0): no effect to estimate.")
         elif t["enough"]:
             verb = "raises" if d > 0 else "lowers" if d < 0 else "does not change"
-            text = (f"{cfg}: BN {verb} final test accuracy by {abs(d):.2f} pp "
+            text = (f"{label}: BN {verb} {what} by {abs(d):.2f} pp "
                     f"[95% CI {t['ci_low'] * 100:+.2f}, {t['ci_high'] * 100:+.2f}], {describe_p(t['p_t'])} "
                     f"(paired t-test; Wilcoxon {describe_p(t['p_wilcoxon'])}), {t['n']} paired seeds; "
                     f"BN ahead on {t['ahead']} of {t['n']}.")
         else:
-            text = (f"{cfg}: BN - no-BN = {d:+.2f} pp over {t['n']} paired seed{'s' if t['n'] != 1 else ''}: too few "
+            text = (f"{label}: BN - no-BN = {d:+.2f} pp over {t['n']} paired seed{'s' if t['n'] != 1 else ''}: too few "
                     f"for an interval or a p-value (at least {MIN_PAIRS} needed; run more seeds).")
-        out.append({"config": cfg, **{k: t[k] for k in ("n", "mean_diff", "ci_low", "ci_high", "p_t", "p_wilcoxon", "ahead")},
+        out.append({"config": cfg, "epoch": epoch, "complete": bool(complete),
+                    **{k: t[k] for k in ("n", "mean_diff", "ci_low", "ci_high", "p_t", "p_wilcoxon", "ahead")},
                     "verdict": text})
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    if len(table):  # per config: the complete runs' verdict first
+        table = table.sort_values(["config", "complete", "epoch"], ascending=[True, False, False], kind="stable")
+    return table.reset_index(drop=True)
+
+
+def headline_rows(acc: pd.DataFrame) -> pd.DataFrame:
+    """One row per member at one epoch per config, for the figures and the sensitivity section: the
+    planned last epoch where any member is complete (members without a complete run are then left
+    out: the tables list them), else the last epoch every member reached."""
+    out = []
+    for _, g in acc.groupby("config", sort=False):
+        if g["complete"].any():
+            e = g.loc[g["complete"], "planned_epochs"].max()
+        else:
+            e = g.groupby(["run_id", "variant", "seed"])["epoch"].max().min()
+        out.append(g[g["epoch"] == e])
+    if not out:
+        return acc.iloc[:0]
+    return pd.concat(out).drop_duplicates(["run_id", "variant", "seed"], keep="last").reset_index(drop=True)
 
 
 def _no_pairs(final: pd.DataFrame) -> str:
@@ -178,7 +250,10 @@ def _figures(df, acc_final, ttt, throughput, rep: Path, target: float) -> list[t
     configs = sorted(df["config"].unique())
     live = df[~df["diverged"]].assign(variant=lambda d: d["variant"].map(lambda v: LABELS.get(v, v)))
 
-    final = acc_final[~acc_final["diverged"]].assign(variant=lambda d: d["variant"].map(lambda v: LABELS.get(v, v)))
+    final = acc_final[~acc_final["diverged"]].assign(
+        variant=lambda d: d["variant"].map(lambda v: LABELS.get(v, v)),
+        config=lambda d: [c if whole else f"{c} (epoch {e:g}, incomplete runs)"
+                          for c, whole, e in zip(d["config"], d["complete"], d["epoch"])])
     if len(final):
         fig, ax = plt.subplots(figsize=(8, 1.2 + 0.9 * len(configs)))
         sns.boxplot(data=final, x="test_acc", y="config", hue="variant", hue_order=order, palette=palette, ax=ax,
@@ -305,13 +380,30 @@ def _learning_curves(live: pd.DataFrame, configs: list[str], palette: dict, rep:
 
 
 # -- assembling ------------------------------------------------------------------------------
-def _notes(df, final, out_dir: Path, problems: list[str], meta: dict) -> list[str]:
-    notes = list(problems)
-    epochs_cfg = df.groupby("run_id")["epochs"].max()
-    for run_id, g in final.groupby("run_id"):
-        if g["epoch"].min() < int(epochs_cfg[run_id]):
-            notes.append(f"run {run_id}: {g['epoch'].min():g} of {int(epochs_cfg[run_id])} epochs recorded (incomplete or still running)")
-    for (run_id, variant, seed), g in df.groupby(["run_id", "variant", "seed"]):
+def _incomplete_notes(members: pd.DataFrame, meta: dict) -> list[str]:
+    """Each run with members that did not reach their last epoch: how far it got, and whether the
+    report uses it (only where no complete run of the same configuration and seed exists)."""
+    notes = []
+    for run_id, g in members[~members["complete"]].groupby("run_id", sort=False):
+        status = live_status(meta[run_id]) if isinstance(meta.get(run_id), dict) else None
+        how = ("incomplete or still running" if status is None else "still running" if status == "running"
+               else f"incomplete: {status}" if status != "complete" else "incomplete")
+        text = f"run {run_id}: {g['last_epoch'].min():g} of {g['planned_epochs'].max():g} epochs recorded ({how})"
+        used = g[g["used"]]
+        if len(used) < len(g):
+            others = members[members["used"] & members["complete"]].merge(g.loc[~g["used"], MEMBER], on=MEMBER)
+            text += (f"; not used for {len(g) - len(used)} of its {len(g)} members: a complete run of the same "
+                     f"configuration and seed is (run {', '.join(dict.fromkeys(others['run_id']))})")
+        if len(used):
+            text += (f"; {len(used)} of its members have no complete run: the tables show them apart, at the epoch "
+                     f"each reached, marked incomplete")
+        notes.append(text)
+    return notes
+
+
+def _notes(df, acc, final, members, out_dir: Path, problems: list[str], meta: dict) -> list[str]:
+    notes = list(problems) + _incomplete_notes(members, meta)
+    for (run_id, variant, seed), g in acc.groupby(["run_id", "variant", "seed"]):
         every = g["eval_every"].iloc[0] if "eval_every" in g else None
         if every is not None and pd.notna(every):  # windows: rows every `every` steps
             last = int(g["step"].max())
@@ -340,6 +432,12 @@ def _notes(df, final, out_dir: Path, problems: list[str], meta: dict) -> list[st
         if e.get("event") == "failed":
             notes.append(f"sweep unit {e.get('index')} ({e.get('label')}) failed: {e.get('reason')}")
     return notes + event_problems  # unreadable units.jsonl lines, as `bnbench status` lists them
+
+
+def _epoch_text(t: pd.DataFrame) -> list[str]:
+    """The epoch a table row is at: "4" where its runs are complete, "1 of 4 (incomplete)" where not."""
+    return [f"{e:g}" if c else f"{e:g} of {p:g} (incomplete)"
+            for e, c, p in zip(t["epoch"], t["complete"], t["planned_epochs"])]
 
 
 def _environment(meta: dict, run_ids: set) -> pd.DataFrame:
@@ -382,6 +480,7 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
     df["diverged"] = df["diverged"].fillna(False).astype(bool)
     df["config"] = config_label(df)
     rep = out_dir / "report"
+    refuse_own_file(rep, "the report folder")  # a link to one of the folder's own files: never written through
     rep.mkdir(parents=True, exist_ok=True)
     for old in [*rep.glob("*.png"), *rep.glob("*.svg"), *rep.glob("*.csv"), *rep.glob("report.*")]:
         old.unlink()  # the folder is the report's: nothing of an older one lingers
@@ -392,27 +491,30 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
         except ValueError as e:
             problems = problems + [f"{out_dir / META_FILE} unreadable: {e}"]
 
-    acc = accuracy_rows(df)
+    members = member_table(df)
+    acc = accuracy_rows(df, members)
     final = final_rows(acc)
+    headline = headline_rows(acc)
     table = final_table(final)
-    pairs = paired_differences(final)
-    verdict = verdicts(pairs) if len(pairs) else pd.DataFrame(columns=["config", "verdict"])
+    pairs = paired_differences(final, acc)
+    verdict = verdicts(pairs) if len(pairs) else pd.DataFrame(columns=["config", "epoch", "complete", "verdict"])
     verdict_lines = list(verdict["verdict"]) or [_no_pairs(final)]
     ttt = time_to_target(acc, target) if "train_seconds" in acc else pd.DataFrame()
     if len(ttt):
         ttt = ttt.merge(acc[["run_id", "config"]].drop_duplicates(), on="run_id")
     targets = target_table(ttt, target) if len(ttt) else pd.DataFrame()
     throughput = throughput_table(df) if "samples_per_s" in df else pd.DataFrame()
-    figs = _figures(df, final, ttt, throughput, rep, target)
-    sens_figs, sens_text, sens_table = sensitivity_section(final, CONFIG_KEYS, rep)
+    figs = _figures(acc, headline, ttt, throughput, rep, target)
+    sens_figs, sens_text, sens_table = sensitivity_section(headline, CONFIG_KEYS, rep)
     if len(sens_table):
         sens_table.to_csv(rep / "sensitivity.csv", index=False)
     inside_figs, inside_text, inside_problems = inside_section(out_dir, df, rep, target)
-    notes = _notes(df, final, out_dir, problems + inside_problems, meta)
+    notes = _notes(df, acc, final, members, out_dir, problems + inside_problems, meta)
     env = _environment(meta, set(df["run_id"]))
 
     summary = table.merge(targets.drop(columns=["max_epochs_run"]), on=["config", "variant"], how="left") if len(targets) else table
-    summary = summary.merge(verdict.drop(columns=["verdict"]).rename(columns={"n": "pairs"}), on="config", how="left") if len(verdict) else summary
+    summary = summary.merge(verdict.drop(columns=["verdict", "complete"]).rename(columns={"n": "pairs"}),
+                            on=["config", "epoch"], how="left") if len(verdict) else summary
     summary.to_csv(rep / "summary.csv", index=False)
     table.to_csv(rep / "final_accuracy.csv", index=False)
     pairs.to_csv(rep / "paired_difference.csv", index=False)
@@ -421,8 +523,12 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
     if len(table):
         table_show = table.assign(**{"mean ± std": [f"{m:.4f} ± {sd:.4f}" if np.isfinite(sd) else f"{m:.4f}"
                                                     for m, sd in zip(table["mean"], table["std"])]})
+        table_show["epoch"] = _epoch_text(table)
         table_show = table_show[["config", "variant", "mean ± std", "min", "max", "n", "diverged", "epoch"]]
-    pairs_show = pairs.assign(difference_pp=pairs["difference"] * 100).drop(columns=["difference"])
+    pairs_show = pairs.assign(difference_pp=pairs["difference"] * 100).drop(columns=["difference", "complete"])
+    if len(pairs_show):
+        pairs_show["epoch"] = _epoch_text(pairs.merge(table[["config", "planned_epochs"]].drop_duplicates("config"),
+                                                      on="config", how="left"))
     if len(targets):
         targets = targets.assign(target=targets["target"].map("{:.2%}".format),
                                  median_epochs=targets["median_epochs"].map(lambda v: f"{v:g}" if np.isfinite(v) else "-"),

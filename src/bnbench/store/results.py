@@ -20,7 +20,10 @@ from ..config import ConfigError, row_settings
 from .folder import (
     EVENTS_FILE,
     INSTRUMENTS_FILE,
+    LOCK_FILE,
+    META_FILE,
     RESULTS_FILE,
+    TORN_LOG,
     FolderLock,
     end_torn_line,
     repair_tail,
@@ -166,6 +169,37 @@ class ResultsWriter:
 
 class ResultsProblem(Exception):
     pass
+
+
+# A results folder's own files (plan.json and sweep.toml are a sweep's: sweeps/runner.py writes them).
+# No command writes over one of them: an export, a run's or a sweep's --out, a tracker's --logging-dir.
+OWN_FILES = (RESULTS_FILE, META_FILE, "plan.json", EVENTS_FILE, "sweep.toml", INSTRUMENTS_FILE, LOCK_FILE, ".meta.lock",
+             TORN_LOG)
+_MARKS = (RESULTS_FILE, META_FILE, "plan.json", EVENTS_FILE, LOCK_FILE)  # a folder holding one is a results folder
+
+
+def own_file(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """(folder, name) where `path`, or a folder above it, is one of a results folder's own files
+    (symlinks followed), else None. A results folder: one that holds results.jsonl, meta.json,
+    plan.json, units.jsonl or .lock."""
+    plain = Path(os.path.abspath(path))
+    try:
+        resolved = plain.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the plain path still says where it points
+        resolved = plain
+    for p in dict.fromkeys([plain, *plain.parents, resolved, *resolved.parents]):
+        if p.name in OWN_FILES and any(os.path.lexists(p.parent / m) for m in _MARKS):
+            return p.parent, p.name
+    return None
+
+
+def refuse_own_file(path: str | os.PathLike, option: str) -> None:
+    """A ConfigError (one line, exit 2) where writing to `path` would write over a results folder's own file."""
+    hit = own_file(path)
+    if hit is not None:
+        folder, name = hit
+        raise ConfigError(f"{option} {path} is {name} of the results folder {folder}: writing there would destroy "
+                          f"it; choose another path")
 
 
 # What every reader relies on, per file: a row without it, or with another type, is listed by line

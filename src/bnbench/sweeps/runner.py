@@ -40,7 +40,16 @@ from ..store.folder import EVENTS_FILE, META_FILE, RESULTS_FILE, FolderLock, mov
 from ..dist.launch import SWEEP_CHILD_ENV, accelerate_command, die_with_parent, failure_cause
 from ..store.provenance import utcnow
 from ..store.record import live_status, update_meta
-from ..store.results import ResultsProblem, append_lines, done_units, new_rows_of_unit, read_events, read_results, rows_of_unit
+from ..store.results import (
+    ResultsProblem,
+    append_lines,
+    done_units,
+    new_rows_of_unit,
+    read_events,
+    read_results,
+    refuse_own_file,
+    rows_of_unit,
+)
 from .plan import Sweep, Unit, load_sweep, plan
 from ..store.tracking import check_trackers
 
@@ -214,7 +223,9 @@ def run_sweep(path, out=None, quiet: bool = False, data_root=None, dry_run: bool
         sweep.settings["log_with"] = log_with
     if executor:
         sweep.settings["executor"] = executor
+    explicit = bool(out)
     out = Path(out) if out else sweep.out
+    refuse_own_file(out, "--out" if explicit else "[sweep] out")
     if dry_run:
         return show_plan(sweep, out)
     if sweep.settings.get("executor") == "slurm":
@@ -255,6 +266,7 @@ def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
         say(f"bnbench: repaired: {message}")
     home = _home_device(sweep)
     units = plan(sweep, cuda_available=home == "cuda")
+    previous = _planned_units(out)  # the last sweep's plan (the file may have been edited since)
     write_atomic(out / PLAN_FILE, (json.dumps({"created": utcnow(), "file": str(sweep.path.resolve()),
                                                 "units": [u.to_dict() for u in units]}, indent=1) + "\n").encode())
     write_atomic(out / "sweep.toml", sweep.text.encode())
@@ -263,8 +275,7 @@ def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
         say(f"bnbench: warning: {p} (left in place)")
     done = done_units(rows, units)
     todo = [u for u in units if u.id not in done]
-    todo_ids = {u.id for u in todo}
-    moved = move_rows_aside(out, lambda r: r.get("unit") in todo_ids)
+    moved = move_rows_aside(out, _unfinished(out, rows, units, todo, previous))
     for run_id, n in moved.items():
         update_meta(out, run_id, {"status": "superseded", "superseded_rows": f"superseded/{run_id}.jsonl"})
         say(f"bnbench: {n} rows of the unfinished run {run_id} moved to {out}/superseded/{run_id}.jsonl; its unit runs again")
@@ -296,6 +307,45 @@ def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
         print(f"  diverged: unit {u.index} {u.label}: every member's loss became NaN/inf (rows kept)")
     print(f"results: {out / RESULTS_FILE}; bnbench status {out}; bnbench report {out}")
     return 1 if failed or diverged else 0
+
+
+def _planned_units(out: Path) -> list[Unit]:
+    """The units of the plan.json in the folder (the last sweep's), or none where there is none to read."""
+    try:
+        return [Unit.from_dict(u) for u in json.loads((out / PLAN_FILE).read_text())["units"]]
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return []
+
+
+def _meta_runs(out: Path) -> dict[str, dict]:
+    try:
+        runs = json.loads((out / META_FILE).read_text())["runs"]
+        return runs if isinstance(runs, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _unfinished(out: Path, rows: pd.DataFrame, units: list[Unit], todo: list[Unit], previous: list[Unit]):
+    """Which rows move to superseded/ before the units left to run: every row of a unit left to run,
+    and the rows of any other attempt that did not finish: a unit of the previous plan that is not
+    whole (the sweep file was edited after a kill), or a run that meta.json records as anything but
+    complete. The sweep holds the folder exclusively, so no such run is still writing. Rows of whole
+    units, of complete runs and of runs meta.json does not know stay."""
+    planned, todo_ids = {u.id for u in units}, {u.id for u in todo}
+    before = [u for u in previous if u.id not in planned]
+    whole = {(unit_id, d["run_id"]) for unit_id, d in done_units(rows, before).items()}
+    before_ids = {u.id for u in before}
+    status = {run_id: m.get("status") for run_id, m in _meta_runs(out).items() if isinstance(m, dict)}
+
+    def select(row: dict) -> bool:
+        unit, run_id = row.get("unit"), row.get("run_id")
+        if unit in todo_ids:
+            return True
+        if unit in planned or (unit, run_id) in whole:
+            return False
+        return unit in before_ids or status.get(run_id, "complete") != "complete"
+
+    return select
 
 
 def _rows(out: Path):
@@ -411,13 +461,14 @@ def _print_problems(problems: list[str]) -> None:
 def export(out: str | os.PathLike, fmt: str, dest=None) -> Path:
     """results.jsonl as one flat CSV or Parquet table (written atomically)."""
     out = Path(out)
+    dest = Path(dest) if dest else out / f"results.{fmt}"
+    refuse_own_file(dest, "--out")  # an export never writes over what it reads, nor any folder's own file
     try:
         rows, problems = read_results(out)
     except ResultsProblem as e:
         raise ConfigError(str(e)) from None
     for p in problems:
         print(f"bnbench: warning: {p} (not exported)", file=sys.stderr)
-    dest = Path(dest) if dest else out / f"results.{fmt}"
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     try:
         if fmt == "csv":
