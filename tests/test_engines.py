@@ -156,18 +156,15 @@ FUSED_CASES = {
 
 @pytest.mark.parametrize("case", list(FUSED_CASES))
 def test_hand_written_step_is_autograd_and_adam_bitwise(mnist_cpu, accelerator, case):
-    """What a training step runs (fused.StackedLosses' backward, optim.FusedAdamStep) against what
-    it replaces (autograd through StackedMLP.forward, the optimizer's own step): equal bit for bit,
-    gradients after one step, then every parameter, buffer and loss after 40."""
-    from bnbench.train.engine import fused_stacked_losses, stacked_losses
+    """What a default step runs (fused.StackedLosses' backward, optim.FusedAdamStep) against
+    --step-impl autograd (autograd through StackedMLP.forward, the optimizer's own step): equal bit
+    for bit, gradients after one step, then every parameter, buffer and loss after 40."""
     from bnbench.train.optim import FusedAdamStep
 
     kw = {**dict(seeds=(0, 1)), **FUSED_CASES[case]}
     splits = subset(mnist_cpu[kw.get("dtype", "float32")], 4000, 100)  # 40 steps an epoch
-    fast, plain = (Trainer(make_config(**kw), splits, accelerator) for _ in range(2))
-    for u in plain.stacks:
-        u.losses = stacked_losses
-    plain.groups = [(opt, zero, opt.step, stacks) for opt, zero, _, stacks in plain.groups]
+    fast = Trainer(make_config(**kw), splits, accelerator)
+    plain = Trainer(make_config(step_impl="autograd", **kw), splits, accelerator)
     order = fast.epoch_order(1)
     sums = [torch.zeros(len(fast.members), dtype=torch.float64) for _ in range(2)]
     for t in range(40):
@@ -182,17 +179,21 @@ def test_hand_written_step_is_autograd_and_adam_bitwise(mnist_cpu, accelerator, 
         a, b = fast.member_state(*member), plain.member_state(*member)
         assert all(torch.equal(a[k], b[k]) for k in a), f"{case}: {member} after 40 steps"
     xb, yb = fast.batch_at(fast.epoch_order(2), 0)
-    for u in fast.stacks:  # the hand-written paths are the ones taken
-        assert u.losses is fused_stacked_losses
-        assert type(u.losses(u.model, xb[u.rows], yb[u.rows]).grad_fn).__name__ == "StackedLossesBackward"
-    assert all(isinstance(update, FusedAdamStep) == (fast.cfg.optimizer == "adam") for _, _, update, _ in fast.groups)
+    for tr, impl, node in ((fast, "fused", "StackedLossesBackward"), (plain, "autograd", None)):
+        for u in tr.stacks:  # each took the path it says it took
+            assert u.step_impl == impl and all(tr.step_impl(*m) == impl for m in tr.members[u.members])
+            name = type(u.losses(u.model, xb[u.rows], yb[u.rows]).grad_fn).__name__
+            assert (name == node) if node else name != "StackedLossesBackward"
+    assert all(isinstance(g.update, FusedAdamStep) == (fast.cfg.optimizer == "adam") for g in fast.optimizer_groups)
+    assert not any(isinstance(g.update, FusedAdamStep) for g in plain.optimizer_groups)
 
 
 def test_fused_adam_step_gives_way_to_hooks_and_missing_gradients(accelerator, mnist_cpu):
     from bnbench.train.optim import FusedAdamStep
 
     t = Trainer(make_config(seeds=(0,)), subset(mnist_cpu["float32"], 500, 100), accelerator)
-    ((opt, _, update, _),) = t.groups
+    (group,) = t.optimizer_groups
+    update = group.update
     assert isinstance(update, FusedAdamStep)
     calls = []
     handle = update.opt.register_step_pre_hook(lambda *a: calls.append(1))
@@ -211,6 +212,7 @@ def test_fused_losses_follow_the_module_as_it_changes(mnist_cpu):
     are copies, made again every step. Each time, bitwise the losses of forward + cross-entropy."""
     import copy
 
+    from bnbench.train.fused import fused_losses
     from bnbench.train.models import member_losses
 
     inits = [init_linears(s, (784, 24, 10)) for s in range(2)]
@@ -220,7 +222,7 @@ def test_fused_losses_follow_the_module_as_it_changes(mnist_cpu):
 
     def same():
         other = copy.deepcopy(net)  # the same state, through forward + cross-entropy (one BN update each)
-        fused, plain = net(x, labels=y), member_losses(other(x), y)
+        fused, plain = fused_losses(net, x, y), member_losses(other(x), y)
         assert type(fused.grad_fn).__name__ == "StackedLossesBackward"
         return torch.equal(fused, plain) and all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
                                                                                     other.state_dict().values()))
@@ -241,17 +243,17 @@ def test_fused_adam_step_follows_a_loaded_optimizer_state(accelerator, mnist_cpu
     import copy
 
     splits = subset(mnist_cpu["float32"], 1000, 100)
-    fast, plain = (Trainer(make_config(seeds=(0,)), splits, accelerator) for _ in range(2))
-    plain.groups = [(opt, zero, opt.step, stacks) for opt, zero, _, stacks in plain.groups]
+    fast = Trainer(make_config(seeds=(0,)), splits, accelerator)
+    plain = Trainer(make_config(seeds=(0,), step_impl="autograd"), splits, accelerator)
     order = fast.epoch_order(1)
     sums = [torch.zeros(2, dtype=torch.float64) for _ in range(2)]
     for t in range(8):
         for tr, ls in zip((fast, plain), sums):
             if t == 4:
-                (opt, *_), = tr.groups
+                opt = tr.optimizer_groups[0].optimizer
                 opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new tensors, as from a file
             tr.step(*tr.batch_at(order, t), ls)
-    states = [tr.groups[0][0].state_dict()["state"] for tr in (fast, plain)]
+    states = [tr.optimizer_groups[0].optimizer.state_dict()["state"] for tr in (fast, plain)]
     assert [s["step"].item() for s in states[0].values()] == [8.0] * len(states[0])
     for a, b in zip(states[0].values(), states[1].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -262,22 +264,70 @@ def test_fused_losses_as_autograd_would_behave(mnist_cpu):
     """Beyond a plain step: a retained graph gives the same gradients twice; a parameter changed in
     place between forward and backward is refused, as autograd refuses it; an input that wants its
     own gradient goes through forward + cross-entropy, which gives it one."""
+    from bnbench.train.step import Losses
+
     inits = [init_linears(s, (784, 8, 10)) for s in range(2)]
     net = StackedMLP(inits, bn=(True, False))
+    losses_of = Losses(net, hand_written=True)
     data = mnist_cpu["float32"]
     x, y = data.train_x[:100].view(2, 50, 784), data.train_y[:100].view(2, 50)
     params = list(net.parameters())
-    losses = net(x, labels=y)
+    losses = losses_of(x, y)
     first = torch.autograd.grad(losses.sum(), params, retain_graph=True)
     second = torch.autograd.grad(losses.sum(), params)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    losses = net(x, labels=y)
+    losses = losses_of(x, y)
     with torch.no_grad():
         params[0].add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         losses.sum().backward()
     xg = x.clone().requires_grad_(True)
-    losses = net(xg, labels=y)
+    losses = losses_of(xg, y)
     assert type(losses.grad_fn).__name__ != "StackedLossesBackward"
     losses.sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fault", ["loss changed in member_losses alone", "activation backward off"])
+def test_a_hand_written_step_that_differs_falls_back_to_autograd(accelerator, mnist_cpu, monkeypatch, capfd, fault):
+    """The seam's self-check: a loss changed where only autograd's path reads it (label smoothing
+    added to member_losses, say), or a hand-written formula that is off, is found before training;
+    one line says so and the process trains on autograd, whose numbers are then the run's."""
+    import torch.nn.functional as F
+
+    from bnbench.train import fused
+    from bnbench.train import step as seam
+
+    monkeypatch.setattr(seam, "_verdicts", {})  # this process's earlier verdicts do not count here
+    if fault.startswith("loss"):
+        def smoothed(logits, labels):
+            labels = labels.repeat(logits.shape[0] // labels.shape[0], 1)
+            return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", label_smoothing=0.1).mean(1)
+
+        monkeypatch.setattr(seam, "member_losses", smoothed)
+    else:
+        monkeypatch.setitem(fused.ACTIVATION_BACKWARD, "relu", lambda g, out: 1.5 * torch.ops.aten.threshold_backward(g, out, 0))
+    splits = subset(mnist_cpu["float32"], 500, 100)
+    t = Trainer(make_config(seeds=(0, 1)), splits, accelerator)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the hand-written step differs from autograd here" in err[0], err
+    assert "training on autograd" in err[0]
+    assert [u.step_impl for u in t.stacks] == ["autograd"] and t.step_impl("bn", 0) == "autograd"
+    plain = Trainer(make_config(seeds=(0, 1), step_impl="autograd"), splits, accelerator)
+    order = t.epoch_order(1)
+    for step in range(3):
+        for tr in (t, plain):
+            tr.step(*tr.batch_at(order, step), torch.zeros(4, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(t.stacks[0].net.state_dict().values(), plain.stacks[0].net.state_dict().values()))
+    Trainer(make_config(seeds=(0, 1)), splits, accelerator)  # once per process and kind of stack: no second line
+    assert capfd.readouterr().err.strip() == ""
+
+
+def test_the_self_check_passes_where_the_hand_written_step_is_right(accelerator, mnist_cpu):
+    from bnbench.train import step as seam
+
+    for kw in FUSED_CASES.values():
+        t = Trainer(make_config(**{**dict(seeds=(0, 1)), **kw}), subset(mnist_cpu[kw.get("dtype", "float32")], 200, 100),
+                    accelerator)
+        for u in t.stacks:
+            assert seam.compare(t.cfg, u.net) is None and u.step_impl == "fused", kw

@@ -32,6 +32,7 @@ from .config import (
     parse_seeds,
     settings,
 )
+from . import versions
 from .files import disk_fault
 from .store.folder import FolderBusy
 from .dist.launch import SWEEP_CHILD_ENV, LaunchError, die_with_parent, launched_rank, launched_world
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     who = f"bnbench [rank {launched_rank()}]" if launched_world() > 1 else "bnbench"
     try:
+        if args.command in ("run", "sweep"):
+            versions.check()  # before any folder or process exists
         commands = {"run": cmd_run, "sweep": cmd_sweep, "status": cmd_status, "export": cmd_export,
                     "report": cmd_report, "data": cmd_data, "list": cmd_list}
         return commands[args.command](args)

@@ -241,8 +241,9 @@ class CrossProcessBatchNorm1d(nn.BatchNorm1d):
 
 def convert_sync_bn(model: nn.Module, backend: str, group=None) -> nn.Module:
     """Every BatchNorm1d of model made cross-process over `group` (default the world): torch's
-    SyncBatchNorm on NCCL, ours elsewhere."""
-    if backend == "nccl":
+    SyncBatchNorm on NCCL or for a module on a GPU (it runs on CUDA tensors only, over gloo too),
+    ours on the CPU."""
+    if backend == "nccl" or any(p.is_cuda for p in model.parameters()):
         return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm1d:

@@ -39,6 +39,7 @@ SCHEMA: dict[str, str] = {
     "seed": "init and data-order seed; bn and nobn of one seed share both",
     "epoch": "epochs completed at this evaluation: 1, 2, ... (fractional with eval_every: 0.5, 1, 1.5, ...)",
     "step": "optimizer steps taken by this member so far",
+    "step_impl": "how its steps were computed: fused (hand-written backward, Adam's kernel called directly where it applies) / autograd; --step-impl chooses, bitwise the same numbers (absent before 2026-12-07)",
     "train_loss": "mean cross-entropy over ALL training samples, eval mode (running stats), after the epoch",
     "train_acc": "correct / total over ALL training samples, eval mode",
     "test_loss": "mean cross-entropy over ALL test samples (10,000 for MNIST), eval mode",

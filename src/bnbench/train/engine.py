@@ -196,7 +196,7 @@ class Trainer:
                              drop_bias=cfg.bn_drop_bias, process_group=self.dp_group)
         else:
             (bn,) = spec.variant_bn
-            net = reference_mlp(inits[0], bn=bn, activation=cfg.activation, drop_bias=cfg.bn_drop_bias)
+            net = reference_mlp(inits[0], bn=bn, activation=cfg.activation, drop_bias=cfg.bn_drop_bias).to(self.device)
             if self.sync_bn and bn:
                 net = convert_sync_bn(net, self.backend, self.dp_group)
         return net.to(self.device)
