@@ -386,7 +386,7 @@ def lab_loop(ctx, batches: int) -> float:
     device = ctx["device"]
     train = dsets.MNIST(root=str(_torchvision_root(ctx)), train=True, transform=transforms.ToTensor(), download=False)
     loader = torch.utils.data.DataLoader(dataset=train, batch_size=100, shuffle=True, drop_last=True)
-    models = [reference_mlp(init_linears(1, (784, 32, 32, 10)), bn=bn).to(device) for bn in (True, False)]
+    models = [reference_mlp(init_linears(1, (784, 32, 32, 10)), norm).to(device) for norm in ("bn", "nobn")]
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
     criterion = torch.nn.CrossEntropyLoss().to(device)
     batches_iter = iter(loader)

@@ -36,6 +36,12 @@ CASES = {
     "stacked-adam-local": dict(engine="stacked", optimizer="adam", variants=["bn"], **COMMON),
     "reference-adam-sync": dict(engine="reference", optimizer="adam", sync_bn=True, **COMMON),
     "reference-sgd-local": dict(engine="reference", optimizer="sgd", lr=0.05, momentum=0.9, variants=["nobn", "bn"], **COMMON),
+    # Every normalization: BN's and Batch Renormalization's statistics over the data-parallel group
+    # (BRN's limits relax within the 24 steps), the per-sample ones need nothing from the other rank.
+    "stacked-norms-sync": dict(engine="stacked", optimizer="adam", sync_bn=True, variants=["bn", "nobn", "ln", "gn", "rms", "brn"],
+                               brn_warmup=4, brn_r_full=16, brn_d_full=12, **COMMON),
+    "reference-brn-sync": dict(engine="reference", optimizer="adam", sync_bn=True, variants=["brn", "ln"],
+                               brn_warmup=4, brn_r_full=16, brn_d_full=12, **COMMON),
 }
 # Seed-group cases (dp 1): float32 as users run, compared with one process bitwise. 6 members
 # on 2, 3 and 4 groups: stacks of 3, 2 and 1 members, and a group holding both variants.

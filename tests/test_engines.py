@@ -100,8 +100,8 @@ def test_stacked_bn_is_per_member_batchnorm(mnist_cpu):
     # One F.batch_norm over K*C channels == K separate BatchNorm1d layers, train and eval.
     inits = [init_linears(s, (784, 8, 6, 10)) for s in range(3)]
     inits = [[(w.double(), b.double()) for w, b in m] for m in inits]
-    st = StackedMLP(inits, bn=True)
-    refs = [reference_mlp(m, bn=True) for m in inits]
+    st = StackedMLP(inits, "bn")
+    refs = [reference_mlp(m, "bn") for m in inits]
     x = mnist_cpu["float64"].train_x[:96].view(3, 32, 784)
     out = st(x)
     for k in range(3):
@@ -216,7 +216,7 @@ def test_fused_losses_follow_the_module_as_it_changes(mnist_cpu):
     from bnbench.train.models import member_losses
 
     inits = [init_linears(s, (784, 24, 10)) for s in range(2)]
-    net = StackedMLP(inits, bn=(True, False))
+    net = StackedMLP(inits, ("bn", "nobn"))
     data = mnist_cpu["float32"]
     x, y = data.train_x[:200].view(2, 100, 784), data.train_y[:200].view(2, 100)
 
@@ -267,7 +267,7 @@ def test_fused_losses_as_autograd_would_behave(mnist_cpu):
     from bnbench.train.step import Losses
 
     inits = [init_linears(s, (784, 8, 10)) for s in range(2)]
-    net = StackedMLP(inits, bn=(True, False))
+    net = StackedMLP(inits, ("bn", "nobn"))
     losses_of = Losses(net, hand_written=True)
     data = mnist_cpu["float32"]
     x, y = data.train_x[:100].view(2, 50, 784), data.train_y[:100].view(2, 50)

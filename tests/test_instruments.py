@@ -63,7 +63,7 @@ def _hand_run(cfg, splits, steps: int) -> list[dict]:
     for variant in cfg.variants:
         for seed in cfg.seeds:
             inits = init_linears(seed, cfg.layer_sizes)
-            model = reference_mlp([(w.double(), bb.double()) for w, bb in inits], bn=variant == "bn",
+            model = reference_mlp([(w.double(), bb.double()) for w, bb in inits], variant,
                                   activation="sigmoid", drop_bias=cfg.bn_drop_bias)
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
             linears = [m for m in model if isinstance(m, nn.Linear)]

@@ -25,7 +25,7 @@ def test_metrics_equal_hand_count(accelerator, mnist_cpu, engine):
     assert total == 1003
     for i, (variant, seed) in enumerate(t.members):
         state = t.member_state(variant, seed)
-        model = reference_mlp(_inits(state, variant), bn=variant == "bn")
+        model = reference_mlp(_inits(state, variant), variant)
         model.load_state_dict(state)
         model.eval()
         hand_correct, hand_loss = 0, 0.0

@@ -175,6 +175,30 @@ def backend_name() -> str:
 
 
 # -- cross-process batch norm --------------------------------------------------------
+def global_moments(x: torch.Tensor, shift_from: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(biased variance [C], mean [C], samples) of x [b, C] over every process's x in `group`
+    (default: the world), differentiable. Each rank takes its slice's mean and variance with one
+    torch.var_mean, then ONE differentiable all-reduce of (n, n*(m - s), n*(v + (m - s)^2)) combines
+    them (Chan's parallel variance about s = shift_from, identical on every rank: no catastrophic
+    cancellation once s tracks the mean, as a running mean does)."""
+    import torch.distributed._functional_collectives as funcol  # differentiable all_reduce
+
+    c = x.shape[1]
+    shift = shift_from.detach().clone()
+    v, m = torch.var_mean(x, dim=0, correction=0)
+    n_local = x.shape[0]
+    dm = m - shift
+    count = torch.full((1,), n_local, dtype=x.dtype, device=x.device)
+    stats = torch.cat([n_local * dm, n_local * (v + dm * dm), count])
+    group = group or dist.group.WORLD
+    if dist.get_world_size(group) > 1:  # a group of one (torchrun --nproc_per_node 1) has nobody to ask
+        stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", group))
+    n = stats[2 * c]
+    m1 = stats[:c] / n
+    var = (stats[c : 2 * c] / n - m1 * m1).clamp_min(0)
+    return var, shift + m1, n
+
+
 def sync_batch_norm(
     x: torch.Tensor,
     running_mean: torch.Tensor,
@@ -196,22 +220,7 @@ def sync_batch_norm(
     the global-batch loss. Works on gloo and NCCL, CPU and GPU (torch.nn.SyncBatchNorm
     needs a GPU). Updates the running statistics like F.batch_norm (unbiased variance).
     """
-    import torch.distributed._functional_collectives as funcol  # differentiable all_reduce
-
-    c = x.shape[1]
-    shift = running_mean.detach().clone()
-    v, m = torch.var_mean(x, dim=0, correction=0)
-    n_local = x.shape[0]
-    dm = m - shift
-    count = torch.full((1,), n_local, dtype=x.dtype, device=x.device)
-    stats = torch.cat([n_local * dm, n_local * (v + dm * dm), count])
-    group = group or dist.group.WORLD
-    if dist.get_world_size(group) > 1:  # a group of one (torchrun --nproc_per_node 1) has nobody to ask
-        stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", group))
-    n = stats[2 * c]
-    m1 = stats[:c] / n
-    var = (stats[c : 2 * c] / n - m1 * m1).clamp_min(0)
-    mean = shift + m1
+    var, mean, n = global_moments(x, running_mean, group)
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
         running_var.mul_(1 - momentum).add_(var.detach() * (n / (n - 1)), alpha=momentum)

@@ -42,6 +42,7 @@ from ..dist.layout import Layout
 from . import step as seam
 from .data import Splits
 from .models import StackedMLP, init_linears, reference_mlp
+from .norms import BATCH_NORMS, BatchRenorm1d, Renorm
 from .optim import make_optimizer
 
 
@@ -62,29 +63,41 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 class StackSpec:
     """One stack as planned."""
 
-    variant: str  # its variant, or "bn,nobn" when it holds both variants of each of its seeds
+    variant: str  # its variant, or e.g. "bn,nobn" when it holds several variants of each of its seeds
     members: slice  # positions in Trainer.members (contiguous by construction)
     rows: slice  # its seeds' rows of a step's batch (Trainer.batch_at)
     seeds: tuple[int, ...]  # the seeds of its members, in its order
-    variant_bn: tuple[bool, ...]  # per variant it holds: with BN
+    variants: tuple[str, ...]  # the variants it holds (train/norms.py), in its order
     stacked: bool  # one StackedMLP; else one member's nn.Sequential (the reference engine)
 
 
 def plan_stacks(cfg: Config, members: list[tuple[str, int]]) -> tuple[list[int], list[StackSpec]]:
     """(the seeds whose batches a step draws, in row order; the stacks) for one process's members
-    (variant, seed), in the run's order. Both variants of one process share a seed list when they
-    can (one batch for bn and nobn of a seed, as the lab), and then go into ONE StackedMLP: one
-    first-layer GEMM per seed for its BN and no-BN members. Not with drop_bias (the variants'
-    layers differ) nor with instruments (they measure a stack of one variant)."""
+    (variant, seed), in the run's order. Every variant of one process shares a seed list when it
+    can (one batch for every variant of a seed, as the lab's bn and nobn), and then consecutive
+    variants go into ONE StackedMLP (one first-layer GEMM per seed for all of them), bn and nobn
+    apart from the other normalizations, so that they keep the hand-written step (step.py). Not
+    with drop_bias (the variants' layers differ) nor with instruments (they measure a stack of one
+    variant): one stack per variant then."""
     by_variant = {v: [s for w, s in members if w == v] for v in cfg.variants}
     lists = [x for x in by_variant.values() if x]
     shared = all(x == lists[0] for x in lists)
     batch_seeds = lists[0] if shared else [s for x in lists for s in x]
     stacked = cfg.engine == "stacked"
-    if stacked and shared and len(lists) > 1 and not cfg.bn_drop_bias and not cfg.instrument:
-        both = StackSpec(",".join(by_variant), slice(0, len(members)), slice(0, len(batch_seeds)),
-                         tuple(batch_seeds), tuple(v == "bn" for v in by_variant), True)
-        return batch_seeds, [both]
+    if stacked and shared and not cfg.bn_drop_bias and not cfg.instrument:
+        present = [v for v in by_variant if by_variant[v]]
+        runs: list[list[str]] = []
+        for v in present:  # consecutive variants of one kind: bn/nobn, or the others
+            if runs and (v in ("bn", "nobn")) == (runs[-1][0] in ("bn", "nobn")):
+                runs[-1].append(v)
+            else:
+                runs.append([v])
+        specs = []
+        for run in runs:
+            start = members.index((run[0], batch_seeds[0]))
+            specs.append(StackSpec(",".join(run), slice(start, start + len(run) * len(batch_seeds)),
+                                   slice(0, len(batch_seeds)), tuple(batch_seeds), tuple(run), True))
+        return batch_seeds, specs
     specs, row = [], 0
     for v, seeds in by_variant.items():
         if not seeds:
@@ -92,9 +105,9 @@ def plan_stacks(cfg: Config, members: list[tuple[str, int]]) -> tuple[list[int],
         base = members.index((v, seeds[0]))
         if stacked:
             specs.append(StackSpec(v, slice(base, base + len(seeds)), slice(row, row + len(seeds)), tuple(seeds),
-                                   (v == "bn",), True))
+                                   (v,), True))
         else:
-            specs += [StackSpec(v, slice(base + j, base + j + 1), slice(row + j, row + j + 1), (s,), (v == "bn",), False)
+            specs += [StackSpec(v, slice(base + j, base + j + 1), slice(row + j, row + j + 1), (s,), (v,), False)
                       for j, s in enumerate(seeds)]
         if not shared:
             row += len(seeds)
@@ -180,7 +193,7 @@ class Trainer:
             raise ConfigError(f"global batch {self.batch} exceeds the {n} training samples")
         # With sync BN the statistics span the global batch; without, each process's slice.
         bn_batch = self.batch if cfg.sync_bn else self.local_batch
-        if "bn" in cfg.variants and bn_batch < 2:
+        if set(cfg.variants) & set(BATCH_NORMS) and bn_batch < 2:
             raise ConfigError(f"BatchNorm needs at least 2 samples per batch; it would see {bn_batch}")
         if cfg.instrument and self.world_size > 1:
             # Its extra forwards and backwards would have to run in lock-step on every rank.
@@ -191,14 +204,21 @@ class Trainer:
         """The module of a planned stack, on the device (fused optimizers want their parameters placed first)."""
         cfg = self.cfg
         inits = [[(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)] for s in spec.seeds]
+        norm_kw = dict(gn_groups=cfg.gn_groups_for(),
+                       renorm=Renorm(cfg.brn_r_max, cfg.brn_d_max, cfg.brn_warmup, cfg.brn_r_full, cfg.brn_d_full))
         if spec.stacked:
-            net = StackedMLP(inits, bn=spec.variant_bn, activation=cfg.activation, sync_bn=self.sync_bn,
-                             drop_bias=cfg.bn_drop_bias, process_group=self.dp_group)
+            net = StackedMLP(inits, spec.variants, activation=cfg.activation, sync_bn=self.sync_bn,
+                             drop_bias=cfg.bn_drop_bias, process_group=self.dp_group, **norm_kw)
         else:
-            (bn,) = spec.variant_bn
-            net = reference_mlp(inits[0], bn=bn, activation=cfg.activation, drop_bias=cfg.bn_drop_bias).to(self.device)
-            if self.sync_bn and bn:
+            (norm,) = spec.variants
+            net = reference_mlp(inits[0], norm, activation=cfg.activation, drop_bias=cfg.bn_drop_bias,
+                                **norm_kw).to(self.device)
+            if self.sync_bn and norm == "bn":
                 net = convert_sync_bn(net, self.backend, self.dp_group)
+            if self.sync_bn and norm == "brn":
+                for m in net.modules():
+                    if isinstance(m, BatchRenorm1d):
+                        m.sync, m.process_group = True, self.dp_group
         return net.to(self.device)
 
     def _optimizers(self, nets: list[nn.Module]) -> list[torch.optim.Optimizer]:

@@ -203,7 +203,7 @@ def fused_losses(net, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def applies(net, x: torch.Tensor) -> bool:
-    """Whether fused_losses gives what autograd would for this call: a StackedMLP in training
-    without sync BN, one batch per seed, an input that wants no gradient of its own, no autocast."""
-    return (isinstance(net, StackedMLP) and net.training and not (net.sync_bn and net.bn) and x.dim() == 3
+    """Whether fused_losses gives what autograd would for this call: a StackedMLP of bn and nobn
+    members (the normalization it writes by hand) in training without sync BN, one batch per seed, an input that wants no gradient of its own, no autocast."""
+    return (isinstance(net, StackedMLP) and net.plain and net.training and not (net.sync_bn and net.bn) and x.dim() == 3
             and not x.requires_grad and not torch.is_autocast_enabled(x.device.type))

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dist.groups import sync_batch_norm
+from ..dist.groups import global_moments, sync_batch_norm
+from . import norms
+from .norms import NORMS, Renorm, norm_module
 
 ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -51,25 +53,26 @@ def init_linears(seed: int, sizes: tuple[int, ...]) -> list[tuple[torch.Tensor, 
     return [(lin.weight.detach().clone(), lin.bias.detach().clone()) for lin in layers]
 
 
-def reference_mlp(
-    inits: list[tuple[torch.Tensor, torch.Tensor]], bn: bool, activation: str = "relu", drop_bias: bool = False
-) -> nn.Sequential:
-    """The lab's model: Linear -> [BatchNorm1d] -> activation per hidden layer, then Linear.
+def reference_mlp(inits: list[tuple[torch.Tensor, torch.Tensor]], norm: str, activation: str = "relu",
+                  drop_bias: bool = False, gn_groups: int = 1, renorm: Renorm = Renorm()) -> nn.Sequential:
+    """The lab's model: Linear -> [normalization] -> activation per hidden layer, then Linear.
+    norm: a variant (norms.NORMS): bn puts BatchNorm1d where the lab does, nobn nothing.
 
     drop_bias (with bn): the hidden Linears have no bias, as in Ioffe & Szegedy: BN subtracts
     the mean, so a bias before it does nothing, and BN's shift takes its place."""
     layers: list[nn.Module] = []
     for i, (w, b) in enumerate(inits):
         hidden = i < len(inits) - 1
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=not (bn and drop_bias and hidden), dtype=w.dtype)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=not (norm == "bn" and drop_bias and hidden), dtype=w.dtype)
         with torch.no_grad():
             lin.weight.copy_(w)
             if lin.bias is not None:
                 lin.bias.copy_(b)
         layers.append(lin)
-        if i < len(inits) - 1:
-            if bn:
-                layers.append(nn.BatchNorm1d(w.shape[0], momentum=BN_MOMENTUM, eps=BN_EPS, dtype=w.dtype))
+        if hidden:
+            module = norm_module(norm, w.shape[0], w.dtype, gn_groups, renorm)
+            if module is not None:
+                layers.append(module)
             layers.append(ACTIVATION_MODULES[activation]())
     return nn.Sequential(*layers)
 
@@ -107,24 +110,32 @@ class StackedMLP(nn.Module):
     def __init__(
         self,
         member_inits: list[list[tuple[torch.Tensor, torch.Tensor]]],
-        bn: bool | tuple[bool, ...],
+        variants: str | tuple[str, ...],
         activation: str = "relu",
         sync_bn: bool = False,
         drop_bias: bool = False,
         process_group=None,
+        gn_groups: int = 1,
+        renorm: Renorm = Renorm(),
     ):
         super().__init__()
-        self.variant_bn = (bn,) if isinstance(bn, bool) else tuple(bn)  # per variant: has BN
-        self.n_seeds, v = len(member_inits), len(self.variant_bn)
+        self.variants = (variants,) if isinstance(variants, str) else tuple(variants)  # norms.NORMS, each once
+        if len(set(self.variants)) != len(self.variants) or not set(self.variants) <= set(NORMS):
+            raise ValueError(f"variants must be distinct names of {NORMS}, got {self.variants}")
+        self.variant_bn = tuple(v == "bn" for v in self.variants)  # per variant: has BN
+        self.n_seeds, v = len(member_inits), len(self.variants)
         self.n_members = self.n_seeds * v
         self.bn = any(self.variant_bn)
         self.bn_slot = [i for i, b in enumerate(self.variant_bn) if b]
-        if len(self.bn_slot) > 1 and v > len(self.bn_slot):
-            raise ValueError("a StackedMLP holds one BN variant, or only BN variants")
+        # Only bn and nobn: BN as it always ran (one F.batch_norm over the BN members, the hand-written
+        # step's case); any other normalization: each variant's members normalized apart, then one cat.
+        self.plain = set(self.variants) <= {"bn", "nobn"}
+        self.other_norms = [k for k in self.variants if k not in ("bn", "nobn")]
         if drop_bias and self.bn and v > 1:
             raise ValueError("drop_bias: hold the BN and the no-BN members in separate StackedMLPs")
-        self.sync_bn = sync_bn  # training statistics over every process's batch (dist.groups.sync_batch_norm)
+        self.sync_bn = sync_bn  # BN/BRN training statistics over every process's batch (dist.groups)
         self.process_group = process_group  # ... of this data-parallel process group (None: the world)
+        self.gn_groups, self.renorm = gn_groups, renorm
         self.activation = activation
         self.act = ACTIVATION_FUNCTIONS[activation]
         n_layers = len(member_inits[0])
@@ -140,7 +151,7 @@ class StackedMLP(nn.Module):
         )
         self.widths = [out for out, _ in self.shapes]
         dtype = self.weights[0].dtype
-        if self.bn:  # the BN members': seeds x BN variants (one of them, or all of one)
+        if self.bn:  # the BN members': one per seed
             nb = self.n_seeds * len(self.bn_slot)
             ones = [[torch.ones(c, dtype=dtype)] * nb for c in self.widths[:-1]]
             self.bn_weight = nn.ParameterList(_stacked_parameter(p) for p in ones)
@@ -149,6 +160,19 @@ class StackedMLP(nn.Module):
                 self.register_buffer(f"running_mean{i}", torch.zeros(nb * c, dtype=dtype))
                 self.register_buffer(f"running_var{i}", torch.ones(nb * c, dtype=dtype))
                 self.register_buffer(f"num_batches_tracked{i}", torch.tensor(0, dtype=torch.long))
+        # The other normalizations' scale (and shift, but rms), per kind and hidden layer, one row per
+        # seed: "ln0", "gn1", ...; brn's running mean and std as buffers. After BN's, so that a bn/nobn
+        # module's parameters are what they always were.
+        self.norm_weight, self.norm_bias = nn.ParameterDict(), nn.ParameterDict()
+        for kind in self.other_norms:
+            for i, c in enumerate(self.widths[:-1]):
+                self.norm_weight[f"{kind}{i}"] = _stacked_parameter([torch.ones(c, dtype=dtype)] * self.n_seeds)
+                if kind != "rms":
+                    self.norm_bias[f"{kind}{i}"] = _stacked_parameter([torch.zeros(c, dtype=dtype)] * self.n_seeds)
+                if kind == "brn":
+                    self.register_buffer(f"brn_running_mean{i}", torch.zeros(self.n_seeds * c, dtype=dtype))
+                    self.register_buffer(f"brn_running_std{i}", torch.ones(self.n_seeds * c, dtype=dtype))
+                    self.register_buffer(f"brn_num_batches_tracked{i}", torch.tensor(0, dtype=torch.long))
 
     @property
     def mixed(self) -> bool:
@@ -166,22 +190,63 @@ class StackedMLP(nn.Module):
         out = normalize(part.reshape(1, -1, b))
         return with_slot(grouped, self.bn_slot[0], out)
 
-    def _bn(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """Hidden layer i's BN of h [members, C, B] under autograd: F.batch_norm, or the
-        cross-process BN with sync_bn in training."""
-        if self.training:
-            getattr(self, f"num_batches_tracked{i}").add_(1)
+    def _bn_flat(self, i: int, flat: torch.Tensor) -> torch.Tensor:
+        """Hidden layer i's BN of the BN members' channels flat [1, n*C, B] under autograd:
+        F.batch_norm, or the cross-process BN with sync_bn in training."""
         weight, bias = self.bn_affine(i)
         mean, var = getattr(self, f"running_mean{i}"), getattr(self, f"running_var{i}")
+        if self.training and self.sync_bn:
+            out = sync_batch_norm(flat[0].t(), mean, var, weight, bias, self.bn_momentum, self.bn_eps, self.process_group)
+            return out.t().reshape(flat.shape)  # [B, n*C] -> [1, n*C, B]
+        return F.batch_norm(flat, mean, var, weight, bias, training=self.training, momentum=self.bn_momentum,
+                            eps=self.bn_eps)
 
-        def normalize(flat):
-            if self.training and self.sync_bn:
-                out = sync_batch_norm(flat[0].t(), mean, var, weight, bias, self.bn_momentum, self.bn_eps, self.process_group)
-                return out.t().reshape(flat.shape)  # [B, n*C] -> [1, n*C, B]
-            return F.batch_norm(flat, mean, var, weight, bias, training=self.training, momentum=self.bn_momentum,
-                                eps=self.bn_eps)
+    def _bn(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Hidden layer i's BN of h [members, C, B] (bn and nobn members only)."""
+        if self.training:
+            getattr(self, f"num_batches_tracked{i}").add_(1)
+        return self.bn_members(h, lambda flat: self._bn_flat(i, flat))
 
-        return self.bn_members(h, normalize)
+    def normalize(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Hidden layer i's normalizations of h [members seed-major, C, B], each variant its own."""
+        if self.plain:
+            return self._bn(i, h) if self.bn else h
+        s, v = self.n_seeds, len(self.variants)
+        m, c, b = h.shape
+        grouped = h.view(s, v, c, b)
+        parts = [self._norm_of(kind, i, grouped[:, slot]) for slot, kind in enumerate(self.variants)]
+        return torch.cat([p.reshape(s, 1, c, b) for p in parts], 1).view(m, c, b)
+
+    def _norm_of(self, kind: str, i: int, part: torch.Tensor) -> torch.Tensor:
+        """One variant's members' part [S, C, B] of hidden layer i, normalized by its kind (norms.py)."""
+        s, c, b = part.shape
+        if kind == "nobn":
+            return part
+        if kind == "bn":
+            if self.training:
+                getattr(self, f"num_batches_tracked{i}").add_(1)
+            return self._bn_flat(i, part.reshape(1, s * c, b)).view(s, c, b)
+        weight = _unpadded(self.norm_weight[f"{kind}{i}"], c).reshape(s, c, 1)
+        bias = _unpadded(self.norm_bias[f"{kind}{i}"], c).reshape(s, c, 1) if kind != "rms" else None
+        if kind == "ln":
+            return norms.layer_norm(part, weight, bias)
+        if kind == "gn":
+            return norms.group_norm(part, self.gn_groups, weight, bias)
+        if kind == "rms":
+            return norms.rms_norm(part, weight)
+        # brn: per channel over the batch, as BN: on the [B, S*C] view of the members' channels
+        x = part.reshape(s * c, b).t()
+        mean, std = getattr(self, f"brn_running_mean{i}"), getattr(self, f"brn_running_std{i}")
+        tracked = getattr(self, f"brn_num_batches_tracked{i}")
+        moments, limits = None, (1.0, 0.0)
+        if self.training:
+            limits = self.renorm.limits(tracked)
+            tracked.add_(1)
+            if self.sync_bn:
+                moments = global_moments(x, mean, self.process_group)[:2]
+        out = norms.batch_renorm(x, mean, std, weight.reshape(-1), bias.reshape(-1), limits, BN_MOMENTUM, BN_EPS,
+                                 self.training, moments)
+        return out.t().reshape(s, c, b)
 
     def weight(self, i: int) -> torch.Tensor:
         """Layer i's weights [members (seed-major), out, in] (a view of the padded storage)."""
@@ -251,8 +316,7 @@ class StackedMLP(nn.Module):
         taps: a list that receives each hidden layer's input to the nonlinearity, [members, B, C]."""
 
         def norm(i, a):
-            if self.bn:
-                a = self._bn(i, a)
+            a = self.normalize(i, a)
             if taps is not None:
                 taps.append(self._outside(a).transpose(1, 2))
             return a
@@ -265,8 +329,9 @@ class StackedMLP(nn.Module):
         reference_mlp(...).state_dict(), as views into the stacked ones (one place for the layout,
         read by both directions below)."""
         v, s = divmod(k, self.n_seeds)
-        m = s * len(self.variant_bn) + v  # its row inside
-        bn = self.variant_bn[v]
+        m = s * len(self.variants) + v  # its row inside
+        kind = self.variants[v]
+        bn = kind == "bn"
         views: dict[str, torch.Tensor] = {}
         idx, last = 0, len(self.weights) - 1
         for i in range(len(self.weights)):
@@ -284,6 +349,17 @@ class StackedMLP(nn.Module):
                     views[f"{idx}.running_mean"] = getattr(self, f"running_mean{i}")[sl]
                     views[f"{idx}.running_var"] = getattr(self, f"running_var{i}")[sl]
                     views[f"{idx}.num_batches_tracked"] = getattr(self, f"num_batches_tracked{i}")  # shared by all
+                    idx += 1
+                elif kind != "nobn":  # one row per seed of this kind's parameters and buffers
+                    c = self.widths[i]
+                    views[f"{idx}.weight"] = self.norm_weight[f"{kind}{i}"][s, :c]
+                    if kind != "rms":
+                        views[f"{idx}.bias"] = self.norm_bias[f"{kind}{i}"][s, :c]
+                    if kind == "brn":
+                        sl = slice(s * c, (s + 1) * c)
+                        views[f"{idx}.running_mean"] = getattr(self, f"brn_running_mean{i}")[sl]
+                        views[f"{idx}.running_std"] = getattr(self, f"brn_running_std{i}")[sl]
+                        views[f"{idx}.num_batches_tracked"] = getattr(self, f"brn_num_batches_tracked{i}")
                     idx += 1
                 idx += 1  # the activation
         return views

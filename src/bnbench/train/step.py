@@ -76,9 +76,10 @@ _verdicts: dict[tuple, str | None] = {}  # per process: kind of stack -> None (a
 
 def hand_written(cfg: Config, net: nn.Module, sync_bn: bool) -> bool:
     """Whether a stack's training losses take the hand-written backward: chosen, applicable to this
-    stack as built (a StackedMLP, no sync BN, no --compile, which traces autograd's graph) and
+    stack as built (a StackedMLP of bn and nobn members only, no sync BN, no --compile, which traces
+    autograd's graph) and
     agreeing with autograd in this process's self-check."""
-    if cfg.step_impl != "fused" or cfg.compile or not isinstance(net, StackedMLP) or (sync_bn and net.bn):
+    if cfg.step_impl != "fused" or cfg.compile or not isinstance(net, StackedMLP) or not net.plain or (sync_bn and net.bn):
         return False
     return self_check(cfg, net) is None
 
@@ -102,7 +103,7 @@ def zero_grad_of(opt) -> Callable[[], None]:
 # -- the self-check -------------------------------------------------------------------------------
 def _kind(net: StackedMLP) -> tuple:
     p = net.weights[0]
-    return (tuple(net.shapes), net.variant_bn, net.activation, tuple(net.bias_index), net.n_seeds, p.dtype,
+    return (tuple(net.shapes), net.variants, net.activation, tuple(net.bias_index), net.n_seeds, p.dtype,
             p.device.type, fused.__name__)
 
 
