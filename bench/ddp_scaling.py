@@ -60,15 +60,35 @@ def run_once(out: Path, nproc: int, args: list[str], gpu: bool, threads: int | N
     return last
 
 
+def default_counts(gpu: bool) -> list[int]:
+    """1 and 2 CPU processes; on GPUs, 1, 2, 4, ... up to the visible GPUs (just 1 on one GPU)."""
+    if not gpu:
+        return [1, 2]
+    import torch
+
+    gpus, counts = torch.cuda.device_count(), [1]
+    while counts[-1] * 2 <= gpus:
+        counts.append(counts[-1] * 2)
+    return counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nproc", default="1,2", help="process counts, e.g. 1,2,4")
+    p.add_argument("--nproc", help="process counts, e.g. 1,2,4 (default: 1,2 on the CPU; with --gpu, powers of 2 "
+                   "up to the visible GPUs: NCCL takes one GPU per process)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="launches per case; the median is reported (VM noise is large)")
     p.add_argument("--gpu", action="store_true", help="GPUs and NCCL instead of CPU processes and gloo")
     p.add_argument("--out", default=str(REPO / "reports" / "ddp" / "scaling.csv"))
     a = p.parse_args()
-    counts = [int(n) for n in a.nproc.split(",")]
+    counts = [int(n) for n in a.nproc.split(",")] if a.nproc else default_counts(a.gpu)
+    if a.gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if not gpus or max(counts) > gpus:
+            raise SystemExit(f"ddp_scaling: --nproc {max(counts)} on {gpus} visible GPU(s): NCCL takes one GPU per "
+                             f"process; leave --nproc out to use what fits")
     base = ["--seeds", "0-4", "--epochs", str(a.epochs), "--batch-size", "100"]
     cases = [("bn", ["--variants", "bn"]), ("nobn", ["--variants", "nobn"]), ("sync-bn", ["--variants", "bn", "--sync-bn"])]
     layouts = [("lab, seed groups", ["--variants", "bn,nobn"], lambda n: 1)] + [(name, extra, lambda n: n) for name, extra in cases]

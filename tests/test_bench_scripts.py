@@ -56,3 +56,25 @@ def test_the_benchmark_suite_collects():
                  "test_full_evaluation", "test_data_preparation[cold]", "test_train_step[sync-bn-stacked-K32]",
                  "test_instrument_overhead[on]"):
         assert case in names, case
+
+
+def test_ddp_scaling_picks_process_counts_that_fit_the_visible_gpus(monkeypatch):
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import ddp_scaling
+    finally:
+        sys.path.pop(0)
+    assert ddp_scaling.default_counts(gpu=False) == [1, 2]
+    for gpus, want in ((1, [1]), (2, [1, 2]), (3, [1, 2]), (8, [1, 2, 4, 8])):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda g=gpus: g)
+        assert ddp_scaling.default_counts(gpu=True) == want
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(sys, "argv", ["ddp_scaling.py", "--gpu", "--nproc", "1,2"])
+    try:
+        ddp_scaling.main()
+    except SystemExit as e:
+        assert "--nproc 2 on 1 visible GPU(s)" in str(e)
+    else:
+        raise AssertionError("2 processes on 1 GPU were accepted")
