@@ -112,3 +112,15 @@ def test_gather(benchmark, mnist, how):
     x = mnist.train_x
     fn = (lambda: x.index_select(0, idx)) if how == "index_select" else (lambda: x[idx])
     benchmark.pedantic(fn, rounds=30, iterations=20, warmup_rounds=3)
+
+
+@pytest.mark.parametrize("batch", [2, 100])
+@pytest.mark.parametrize("variant", ["nobn", "bn", "ln", "gn", "rms", "brn"])
+def test_norm_step(benchmark, mnist, accelerator, variant, batch):
+    """What each normalization costs: a stacked step of 5 seeds of that variant alone (the same stack
+    shapes for all), at the lab's batch and at 2. bn and nobn take the hand-written step, the others
+    autograd (train/step.py), as in a run."""
+    trainer, args = _default_step(mnist, accelerator, variants=(variant,), batch_size=batch)
+    benchmark.extra_info["step_impl"] = trainer.stacks[0].step_impl
+    benchmark.pedantic(trainer.step, args=args, rounds=30, iterations=5, warmup_rounds=3)
+    benchmark.extra_info["member_samples_per_s"] = len(trainer.members) * trainer.batch / benchmark.stats.stats.median
