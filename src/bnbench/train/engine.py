@@ -175,10 +175,10 @@ class Trainer:
         self.members = all_members[self.mesh.members]  # this seed group's share, in the run's order
         self.batch_seeds, specs = plan_stacks(cfg, self.members)
         nets = [self._build(spec) for spec in specs]
-        self.stacks: list[Stack] = []
-        self.optimizer_groups: list[OptimizerGroup] = []
-        for spec, net, opt in zip(specs, nets, self._optimizers(nets)):
-            self._add(spec, net, opt)
+        self.optimizer_groups = self._optimizer_groups(nets)
+        for group, members in zip(self.optimizer_groups, self._grouping(nets)):
+            group.stacks += [self._make_stack(specs[i], nets[i], group.optimizer) for i in members]
+        self.stacks: list[Stack] = [u for g in self.optimizer_groups for u in g.stacks]
         self.steps_done = 0
         self.instruments = None
         if cfg.instrument:
@@ -221,20 +221,23 @@ class Trainer:
                         m.sync, m.process_group = True, self.dp_group
         return net.to(self.device)
 
-    def _optimizers(self, nets: list[nn.Module]) -> list[torch.optim.Optimizer]:
-        """One optimizer per net (the lab's, one per member), except for the stacked engine: ONE for
-        every stack. Adam and SGD are elementwise, so that is the update of one optimizer per stack,
-        in one fused call and one autograd pass per step."""
-        if self.cfg.engine == "stacked":
-            opts = [make_optimizer(self.cfg, [p for n in nets for p in n.parameters()], fused=True)] * len(nets)
-        else:
-            opts = [make_optimizer(self.cfg, n.parameters()) for n in nets]
-        if self.mesh.layout.seed_groups == 1:  # Accelerate's optimizer over the world's models (as prepare(net, opt))
-            prepared = {id(o): self.accelerator.prepare(o) for o in opts}
-            opts = [prepared[id(o)] for o in opts]
-        return opts
+    def _grouping(self, nets: list[nn.Module]) -> list[list[int]]:
+        """Which nets each optimizer steps: the stacked engine ONE optimizer for every stack (Adam and
+        SGD are elementwise, so that is the update of one optimizer per stack, in one fused call and
+        one autograd pass per step); the reference engine one per net (the lab's, one per member)."""
+        return [list(range(len(nets)))] if self.cfg.engine == "stacked" else [[i] for i in range(len(nets))]
 
-    def _add(self, spec: StackSpec, net: nn.Module, opt: torch.optim.Optimizer) -> None:
+    def _optimizer_groups(self, nets: list[nn.Module]) -> list[OptimizerGroup]:
+        groups = []
+        for members in self._grouping(nets):
+            opt = make_optimizer(self.cfg, [p for i in members for p in nets[i].parameters()],
+                                 fused=self.cfg.engine == "stacked")
+            if self.mesh.layout.seed_groups == 1:  # Accelerate's optimizer over the world's models (as prepare(net, opt))
+                opt = self.accelerator.prepare(opt)
+            groups.append(OptimizerGroup(opt, seam.zero_grad_of(opt), seam.update_of(self.cfg, opt)))
+        return groups
+
+    def _make_stack(self, spec: StackSpec, net: nn.Module, opt: torch.optim.Optimizer) -> Stack:
         losses_module = seam.Losses(net, seam.hand_written(self.cfg, net, self.sync_bn))
         with warnings.catch_warnings():
             # DDP's broadcast_buffers=False, which torch now calls deprecated in favour of
@@ -251,11 +254,7 @@ class Trainer:
             else:
                 model = losses_module  # a seed group of one process has no gradients to average
         losses = torch.compile(seam.call) if self.cfg.compile else seam.call
-        stack = Stack(spec, net, losses_module, model, losses, opt)
-        self.stacks.append(stack)
-        if not self.optimizer_groups or self.optimizer_groups[-1].optimizer is not opt:
-            self.optimizer_groups.append(OptimizerGroup(opt, seam.zero_grad_of(opt), seam.update_of(self.cfg, opt)))
-        self.optimizer_groups[-1].stacks.append(stack)
+        return Stack(spec, net, losses_module, model, losses, opt)
 
     def warm_up(self) -> float:
         """With --compile: compile every stack's forward and backward on the first batch, then
