@@ -131,6 +131,18 @@ def per_step(fn, device, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def stepping(tr):
+    """A call that takes tr's next training step on epoch 1's batches, round and round (for per_step)."""
+    order = tr.epoch_order(1)
+    loss_sum = torch.zeros(len(tr.members), dtype=torch.float64, device=tr.device)
+    count = iter(range(10**9))
+
+    def one_step():
+        tr.step(*tr.batch_at(order, next(count) % tr.steps_per_epoch()), loss_sum)
+
+    return one_step
+
+
 def compare_tensors(a: dict, b: dict) -> dict:
     """Two state dicts (one member's, say): per tensor max |a - b| and that over the tensor's largest
     |b|; overall the worst |a - b| and that over the largest |b| of all the tensors (`rel`, what the
@@ -421,14 +433,7 @@ def timing(ctx) -> dict:
     lab_s = lab_loop(ctx, 600 if cuda and not quick else (200 if cuda else 50))
     r["lab_loop"] = {"s_per_batch": lab_s, "member_samples_per_s": 2 * 100 / lab_s}
     tr = Trainer(make_config(), full, acc)
-    order, ls = tr.epoch_order(1), torch.zeros(len(tr.members), dtype=torch.float64, device=device)
-    step = {"t": 0}
-
-    def one_step():
-        tr.step(*tr.batch_at(order, step["t"] % tr.steps_per_epoch()), ls)
-        step["t"] += 1
-
-    s = per_step(one_step, device, 500 if cuda else 30, warmup=10)
+    s = per_step(stepping(tr), device, 500 if cuda else 30, warmup=10)
     r["default_step"] = {"s": s, "member_samples_per_s": len(tr.members) * tr.batch / s}
     r["default_step"]["vs_lab_loop"] = r["default_step"]["member_samples_per_s"] / r["lab_loop"]["member_samples_per_s"]
     # The lab config's training, as a run trains it (train_epoch: its seconds exclude evaluation).
@@ -506,14 +511,7 @@ def k_scaling(ctx) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         tr = Trainer(make_config(seeds=seeds, variants=variants), full, acc)
-        order, ls = tr.epoch_order(1), torch.zeros(len(tr.members), dtype=torch.float64, device=device)
-        i = {"t": 0}
-
-        def one_step():
-            tr.step(*tr.batch_at(order, i["t"] % tr.steps_per_epoch()), ls)
-            i["t"] += 1
-
-        s = per_step(one_step, device, 100 if cuda else 10, warmup=5)
+        s = per_step(stepping(tr), device, 100 if cuda else 10, warmup=5)
         r[f"K{k}"] = {"members": len(tr.members), "s": s, "member_samples_per_s": len(tr.members) * tr.batch / s,
                       "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None}
         del tr
