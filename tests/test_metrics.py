@@ -63,3 +63,13 @@ def test_max_indices_are_argmax_with_ties_and_nan():
     logits[4, :, ::11] = 1.0  # all ten tied
     assert torch.equal(logits.max(1).indices, logits.argmax(1))
     assert (logits.max(1).indices[4, ::11] == 0).all() and (logits.max(1).indices[2, ::7] == 3).all()
+
+
+def test_holm_adjusts_the_comparisons_shown_together():
+    from bnbench.reporting.stats import holm
+
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.2 -> 0.04, 0.06, 0.06 (monotone), 0.2; None stays None.
+    got = holm([0.03, 0.01, None, 0.2, 0.02])
+    assert got[2] is None and got[0] == pytest.approx(0.06) and got[1] == pytest.approx(0.04)
+    assert got[3] == pytest.approx(0.2) and got[4] == pytest.approx(0.06)
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([]) == [] and holm([0.04]) == [0.04]

@@ -67,6 +67,18 @@ def paired_test(bn, nobn) -> dict:
     return out
 
 
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of the p-values of the comparisons shown together (None stays None):
+    the i-th smallest of m is multiplied by m - i (i from 0), then made non-decreasing and capped at 1.
+    It controls the chance of any false "differs" among them, without assuming independence."""
+    known = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m, out, running = len(known), list(pvalues), 0.0
+    for rank, (p, i) in enumerate(known):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
 def describe_p(p: float) -> str:
     return "p < 0.0001" if p < 1e-4 else f"p = {p:.4f}" if p < 0.01 else f"p = {p:.3f}"
 
