@@ -21,6 +21,7 @@ from pathlib import Path
 from .config import (
     DATASETS,
     DEFAULT_PRESET,
+    MAX_TIMEOUT_S,
     PRESETS,
     Config,
     ConfigError,
@@ -56,6 +57,13 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _timeout_s(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT_S:,} seconds (7 days), got {text}")
     return value
 
 
@@ -139,8 +147,9 @@ def build_parser(config_cls=Config) -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train BN and no-BN members over seeds; append rows to DIR/results.jsonl")
     add_setting_options(r, config_cls)
-    r.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
-                   help="multi-process runs: limit for process-group set-up and any one collective (default 600)")
+    r.add_argument("--dist-timeout", type=_timeout_s, default=600.0, metavar="SECONDS",
+                   help="multi-process runs: limit for process-group set-up and any one collective (default 600, "
+                        "at most 7 days)")
     r.add_argument("--data-root", help="folder with the four IDX files (default: $BNBENCH_DATA_ROOT, the cache, a download)")
     r.add_argument("--out", help="results folder (default runs/<UTC time>)")
     r.add_argument("--report", action="store_true", help="build the report when the run completes")
@@ -196,16 +205,55 @@ def config_from_args(a) -> Config:
     return make_config(a.preset, **{f.name: getattr(a, f.name) for f in settings() if f.name != "preset"})
 
 
+def preflight(a, cfg: Config, out, world: int, processes_here: int = 1, device: str | None = None):
+    """Every check of `bnbench run`'s options that needs no rank, before any folder, file or process
+    is made (a refused command leaves nothing behind): the output paths, the layout and what each rank
+    would refuse (dist/layout.py: check_launch), a named data root, and the members' memory on
+    `device` (None: not checked here; each rank checks its own device). Returns the layout."""
+    from .dist.layout import check_launch, choose_layout
+    from .store.results import refuse_own_file
+
+    refuse_own_file(out, "--out")
+    if a.logging_dir:
+        refuse_own_file(a.logging_dir, "--logging-dir")
+        _check_logging_dir(a.logging_dir, create=bool(a.log_with))
+    layout = choose_layout(cfg, world)
+    check_launch(cfg, world, layout.dp)
+    if a.data_root or os.environ.get("BNBENCH_DATA_ROOT"):  # a named root must hold the files: no download
+        from .train.data import locate
+
+        locate(cfg.dataset, a.data_root, download=False)
+    if device is not None:
+        from .train.memory import check_fits
+
+        check_fits(cfg, max(layout.sizes()), cfg.global_batch(layout.dp) // layout.dp, device, processes_here)
+    return layout
+
+
+def _check_logging_dir(path, create: bool) -> None:
+    """--logging-dir: a folder, or one that can be made (made now, where trackers will write)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--logging-dir {path} is a file, not a folder: give a folder where trackers may write")
+    if create:
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--logging-dir {path} cannot be made: {e.strerror or e}") from None
+
+
 def cmd_run(a) -> int:
     from .training import Setup, training_function
 
-    from .store.results import refuse_own_file
-
     cfg = config_from_args(a)
     out = Path(a.out or f"runs/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-    refuse_own_file(out, "--out")  # before any folder or process is made
-    if a.logging_dir:
-        refuse_own_file(a.logging_dir, "--logging-dir")
+    world = launched_world()
+    device = None
+    if world == 1:  # alone: this process is the one that trains, on the device Accelerate will choose
+        import torch
+
+        device = "cpu" if cfg.cpu or not torch.cuda.is_available() else torch.device("cuda")
+    preflight(a, cfg, out, world, 1, device)  # before any folder or process is made
     child = bool(os.environ.get(SWEEP_CHILD_ENV))
     if child:
         die_with_parent(signal.SIGTERM)  # a sweep killed with -9 takes its units down with it
@@ -238,15 +286,15 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from .sweeps import runner as sweep
+    from .sweeps.status import status
 
-    return sweep.status(a.dir)
+    return status(a.dir)
 
 
 def cmd_export(a) -> int:
-    from .sweeps import runner as sweep
+    from .sweeps.status import export
 
-    print(f"exported: {sweep.export(a.dir, a.format, a.out)}")
+    print(f"exported: {export(a.dir, a.format, a.out)}")
     return 0
 
 
@@ -298,7 +346,12 @@ def main(argv: list[str] | None = None) -> int:
             versions.check()  # before any folder or process exists
         commands = {"run": cmd_run, "sweep": cmd_sweep, "status": cmd_status, "export": cmd_export,
                     "report": cmd_report, "data": cmd_data, "list": cmd_list}
-        return commands[args.command](args)
+        rc = commands[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return rc
+    except BrokenPipeError:  # `bnbench status D | head -1`: the reader has what it wanted
+        _stdout_to_devnull()
+        return 141  # as a program that SIGPIPE ended
     except ConfigError as e:
         print(f"{who}: error: {e}", file=sys.stderr)
         return 2
@@ -316,6 +369,16 @@ def main(argv: list[str] | None = None) -> int:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"{who}: {how}; {kept}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+
+
+def _stdout_to_devnull() -> None:
+    """What is still buffered for a closed pipe goes nowhere, so that the exit does not fail on it."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # not a file descriptor (captured in tests)
+        pass
 
 
 if __name__ == "__main__":

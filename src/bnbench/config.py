@@ -29,6 +29,12 @@ DTYPES = ("float32", "float64")
 # changes the last bits of fused-optimizer updates of members that sat in a vector tail.
 TRAINING_CODE_VERSION = 2
 TRAIN_SAMPLES = 60_000  # MNIST and Fashion-MNIST alike: steps per epoch = this // global batch
+# Bounds checked where a number is parsed, so that no value reaches an overflow or a huge allocation.
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; rows hold seeds in int64 columns
+MAX_SEEDS = 2_000_000  # seeds of one config (a million members is already far beyond any device's memory)
+MAX_EPOCHS = 1_000_000
+MAX_EVALUATIONS = 100_000  # evaluation windows of one run: rows per member
+MAX_TIMEOUT_S = 7 * 86_400  # --dist-timeout, [sweep] dist_timeout: a week
 
 # Presets are plain dicts of Config fields; the CLI overrides any of them.
 PRESETS: dict[str, dict] = {
@@ -131,7 +137,8 @@ class Config:
                             "bool", column=True)
     tf32: bool = setting(False, "TF32 matmuls allowed on the GPU (--tf32); off by default, for comparability",
                          "bool", column=True)
-    eval_batch: int = setting(10_000, "samples per evaluation chunk (memory only, not the result)", "int",
+    eval_batch: int = setting(10_000, "samples per evaluation chunk: memory, and how the evaluation's float32 "
+                              "matmuls round (losses can differ in the last digits, ~1e-8 relative)", "int",
                               check="positive")
     repeat: int = setting(0, "index of a repeated launch of the same config (0 unless a sweep sets repeats)", "int",
                           check="non_negative", column=True, sweep=False)  # sweeps say [sweep] repeats
@@ -203,6 +210,11 @@ class Config:
             return []  # a batch larger than the data: the Trainer refuses it, naming both
         total = self.epochs * per_epoch
         every = self.eval_every or per_epoch
+        count = -(-total // every)  # counted before the list is made
+        if count > MAX_EVALUATIONS:
+            raise ConfigError(f"{self.epochs:,} epochs of {per_epoch:,} steps evaluated every {every:,} steps make "
+                              f"{count:,} evaluations, more than {MAX_EVALUATIONS:,}: fewer --epochs or a larger "
+                              f"--eval-every")
         return sorted({*range(every, total + 1, every), total})
 
     @property
@@ -298,12 +310,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"hidden must be one or more positive layer widths, got {cfg.hidden!r}")
     if not cfg.ics_etas or not all(isinstance(e, float) and 0 < e < float("inf") for e in cfg.ics_etas):
         raise ConfigError(f"ics_etas must be one or more positive finite step sizes, got {cfg.ics_etas!r}")
+    if cfg.epochs > MAX_EPOCHS:
+        raise ConfigError(f"epochs must be at most {MAX_EPOCHS:,}, got {cfg.epochs:,}")
     if not cfg.seeds:
         raise ConfigError("no seeds given")
+    if len(cfg.seeds) > MAX_SEEDS:
+        raise ConfigError(f"{len(cfg.seeds):,} seeds, more than the {MAX_SEEDS:,} one config may hold")
     if len(set(cfg.seeds)) != len(cfg.seeds):
-        raise ConfigError(f"seed listed twice in {cfg.seeds}")
-    if any(s < 0 for s in cfg.seeds):
-        raise ConfigError(f"seeds must be non-negative, got {cfg.seeds}")
+        raise ConfigError(f"seed listed twice in {_short(cfg.seeds)}")
+    if any(s < 0 or s > MAX_SEED for s in cfg.seeds):
+        raise ConfigError(f"seeds must be in 0 .. {MAX_SEED} (2^63 - 1: torch.manual_seed's range as rows hold it), "
+                          f"got {_short(cfg.seeds)}")
+
+
+def _short(values: tuple) -> str:
+    """A tuple as an error line shows it: the first few values of a long one."""
+    return str(values) if len(values) <= 8 else f"({', '.join(map(str, values[:8]))}, ... {len(values):,} in all)"
 
 
 # -- parsing the command line's spellings ---------------------------------------------
@@ -318,11 +340,13 @@ def parse_seeds(text: str) -> tuple[int, ...]:
             raise ConfigError(f"malformed --seeds {text!r}: empty item; use e.g. 0,3,7 or 0-9")
         m = _RANGE.match(part)
         if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
+            lo, hi = _seed_int(text, m.group(1)), _seed_int(text, m.group(2))
             if hi < lo:
                 raise ConfigError(f"malformed --seeds {text!r}: range {part.strip()} runs backwards")
+            _seed_bounds(text, hi, len(seeds) + hi - lo + 1)  # before the range is made
             seeds.extend(range(lo, hi + 1))
         elif part.strip().isdigit():
+            _seed_bounds(text, _seed_int(text, part), len(seeds) + 1)
             seeds.append(int(part))
         else:
             raise ConfigError(
@@ -331,6 +355,27 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"malformed --seeds {text!r}: a seed is listed twice")
     return tuple(seeds)
+
+
+def _seed_int(text: str, digits: str) -> int:
+    digits = digits.strip()
+    if len(digits) > 25:  # int() of thousands of digits is refused, or slow
+        raise ConfigError(f"--seeds {_clip(text)}: a seed of {len(digits):,} digits is above {MAX_SEED} (2^63 - 1: "
+                          f"torch.manual_seed's range as rows hold it)")
+    return int(digits)
+
+
+def _seed_bounds(text: str, largest: int, count: int) -> None:
+    if largest > MAX_SEED:
+        raise ConfigError(f"--seeds {_clip(text)}: seed {largest} is above {MAX_SEED} (2^63 - 1: torch.manual_seed's "
+                          f"range as rows hold it)")
+    if count > MAX_SEEDS:
+        raise ConfigError(f"--seeds {_clip(text)}: {count:,} seeds, more than the {MAX_SEEDS:,} one config may hold")
+
+
+def _clip(text: str) -> str:
+    text = str(text)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_int_list(text: str, what: str) -> tuple[int, ...]:

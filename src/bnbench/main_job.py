@@ -16,7 +16,7 @@ import time
 from . import cli, versions
 from .config import ConfigError
 from .dist.launch import MACHINE_OPTIONS, accelerate_command, die_with_parent
-from .dist.layout import SYNC_BN_DP1, choose_layout
+from .dist.layout import SYNC_BN_DP1
 
 HELP = """\
 usage: ./launch.sh [--nproc N] [--cpu] [--num_machines M --machine_rank R --main_process_ip IP
@@ -69,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     run_args = ["--out", out, "--report", *(["--cpu"] if cpu else []), *run_args]
     machine_args = [x for o in MACHINE_OPTIONS if getattr(a, o[2:]) is not None for x in (o, getattr(a, o[2:]))]
     # What can be checked before any process starts is checked here, once: bad options exit
-    # through argparse, a layout or device count that cannot work in one line, exit status 2.
+    # through argparse, everything else that needs no rank in one line, exit status 2, leaving
+    # nothing behind: machine options, output paths, the layout, what each rank would refuse.
     options = cli.build_parser().parse_args(["run", *run_args])
     try:
         versions.check()
-        layout = choose_layout(cli.config_from_args(options), total)
+        _check_machines(a)
         if total == 1:
             return cli.main(["run", *run_args])
+        cfg = cli.config_from_args(options)
+        layout = cli.preflight(options, cfg, out, total, nproc, "cpu" if cpu else None)
         cmd, env = accelerate_command(total, run_args, a.num_machines, cpu, machine_args, gpus, options.dist_timeout)
     except ConfigError as e:
         print(f"bnbench: error: {e}", file=sys.stderr)
@@ -88,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     # Several machines: its stderr passes through us, to turn a rendezvous that never completes
     # into one line (on one machine it stays the terminal's, and the progress bar with it).
     several = a.num_machines > 1
+    # Its own process group: a Ctrl-C at the terminal, a `kill -INT` of launch.sh and a SIGTERM to it all reach
+    # the launcher once, passed on by us (a Ctrl-C used to reach it twice over, a `kill -INT` never).
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stderr=subprocess.PIPE if several else None,
-                            text=True, bufsize=1, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
-    # Ctrl-C reaches the launcher through the terminal; a SIGTERM to us is passed on to it.
-    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+                            text=True, bufsize=1, preexec_fn=lambda: die_with_parent(signal.SIGTERM), process_group=0)
+    terminated, interrupted = [], []
+    signal.signal(signal.SIGTERM, lambda signum, frame: (terminated.append(signum), proc.send_signal(signal.SIGTERM)))
     seen: list[str] = []
     relay = threading.Thread(target=_relay, args=(proc.stderr, seen), daemon=True)
     if several:
@@ -101,14 +106,33 @@ def main(argv: list[str] | None = None) -> int:
             rc = proc.wait()
             break
         except KeyboardInterrupt:
-            continue  # the launcher got it too, and winds its ranks down
+            interrupted.append(signal.SIGINT)
+            proc.send_signal(signal.SIGINT)  # the launcher winds its ranks down
     if several:
         relay.join(timeout=10)
+    # Only the main machine (machine rank 0) writes the results folder.
+    kept = f" Completed epochs are in {out}/results.jsonl" if int(a.machine_rank or 0) == 0 else ""
+    if (terminated or interrupted) and rc != 0:  # stopped by us, not done before the signal came
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"launch.sh: {how}; the ranks were stopped.{kept}", file=sys.stderr)
+        return 143 if terminated else 130
     if rc != 0:
         rendezvous = _rendezvous_failure(seen, a, options.dist_timeout)
-        print(rendezvous or f"launch.sh: the launch failed (exit {rc}); the failing rank is named above. "
-              f"Completed epochs are in {out}/results.jsonl", file=sys.stderr)
+        print(rendezvous or f"launch.sh: the launch failed (exit {rc}); the failing rank is named above.{kept}",
+              file=sys.stderr)
     return rc
+
+
+def _check_machines(a) -> None:
+    """The machine options, as far as one machine can check them (that every machine was started with the
+    same --nproc and --num_machines only the ranks can tell)."""
+    if a.machine_rank is not None:
+        if not a.machine_rank.isdigit() or int(a.machine_rank) >= a.num_machines:
+            raise ConfigError(f"--machine_rank {a.machine_rank}: with --num_machines {a.num_machines} it is one of "
+                              f"0 .. {a.num_machines - 1}")
+    if a.main_process_port is not None and not (a.main_process_port.isdigit()
+                                                and 1 <= int(a.main_process_port) <= 65535):
+        raise ConfigError(f"--main_process_port {a.main_process_port}: a TCP port, 1 .. 65535")
 
 
 def _relay(stream, seen: list[str]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config, ConfigError
+from ..config import TRAIN_SAMPLES, Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,26 @@ def choose_layout(cfg: Config, world: int) -> Layout:
     raise ConfigError(f"no layout of {world} processes fits {what} with global batch {cfg.batch_size}: seed groups "
                       f"need a member each, and a data-parallel group must split the batch. Try "
                       f"{' or '.join(fits) if fits else '--per-device-batch'}, or fewer processes")
+
+
+# Variants whose normalisation reads a batch's statistics: train/norms.py's BATCH_NORMS (dist may not import
+# train; tests/test_faults3.py checks that the two agree).
+BATCH_STATISTICS = ("bn", "brn")
+
+
+def check_launch(cfg: Config, world: int, dp: int, train_samples: int = TRAIN_SAMPLES,
+                 batch_statistics=BATCH_STATISTICS) -> None:
+    """What a launch of `cfg` on `world` processes in data-parallel groups of `dp` can be refused for before
+    any process starts: the checks the Trainer makes in every rank (train/engine.py, Trainer._check), with the
+    same words, run by the launcher's pre-flight (main_job.py, cli.py) and by a sweep's plan (sweeps/plan.py);
+    and the number of evaluations, counted before they are listed."""
+    batch = cfg.global_batch(dp)
+    if batch > train_samples:
+        raise ConfigError(f"global batch {batch} exceeds the {train_samples} training samples")
+    bn_batch = batch if cfg.sync_bn else batch // dp  # sync BN: statistics over the global batch
+    if set(cfg.variants) & set(batch_statistics) and bn_batch < 2:
+        raise ConfigError(f"BatchNorm needs at least 2 samples per batch; it would see {bn_batch}")
+    if cfg.instrument and world > 1:
+        raise ConfigError(f"--instrument measures in one process; this launch has {world}. "
+                          "Launch it without --nproc / several processes.")
+    cfg.eval_steps(dp, train_samples)  # raises where there would be too many to list

@@ -78,7 +78,8 @@ def _update_meta_locked(path: Path, run_id: str, meta: dict, bury: bool = False)
         for other_id, run in doc.get("runs", {}).items():
             if other_id != run_id and live_status(run).startswith(DIED):
                 run.update(status=DIED, error=f"process {run.get('pid')} on {run.get('hostname')} ended without recording "
-                                              f"the end of the run (SIGKILL, out of memory or power loss); found {utcnow()}")
+                                              f"the end of the run (SIGKILL, out of memory, power loss, or a disk too full "
+                                              f"to record it); found {utcnow()}")
     doc.setdefault("runs", {}).setdefault(run_id, {}).update(meta)
     write_json_atomic(path, doc)
 

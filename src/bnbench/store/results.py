@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import ConfigError, row_settings
+from ..config import VARIANTS, ConfigError, row_settings
 from .folder import (
     EVENTS_FILE,
     INSTRUMENTS_FILE,
@@ -35,8 +35,8 @@ SCHEMA: dict[str, str] = {
     "run_id": "one invocation of `bnbench run`; keys meta.json",
     "unit": "hash of everything that changes the numbers (config, world size, device kind, torch, training code); sweeps skip units already done",
     **row_settings(),
-    "variant": "bn (BatchNorm1d after each hidden Linear) / nobn",
-    "seed": "init and data-order seed; bn and nobn of one seed share both",
+    "variant": "what follows each hidden Linear: bn (BatchNorm1d) / nobn (nothing) / ln (LayerNorm) / gn (GroupNorm) / rms (RMSNorm) / brn (Batch Renormalization)",
+    "seed": "init and data-order seed; every variant of one seed shares both",
     "epoch": "epochs completed at this evaluation: 1, 2, ... (fractional with eval_every: 0.5, 1, 1.5, ...)",
     "step": "optimizer steps taken by this member so far",
     "step_impl": "how its steps were computed: fused (hand-written backward, Adam's kernel called directly where it applies) / autograd; --step-impl chooses, bitwise the same numbers (absent before 2026-12-07)",
@@ -226,12 +226,34 @@ def row_problem(row: dict, name: str = RESULTS_FILE) -> str | None:
         v = row[key]
         if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
             return f"{key} is {v!r}: expected {_kind_name(kind)}"
-    if row["variant"] not in ("bn", "nobn"):
-        return f"variant is {row['variant']!r}: expected bn or nobn"
+    if row["variant"] not in VARIANTS:
+        return f"variant is {row['variant']!r}: expected one of {', '.join(VARIANTS)}"
     for key in _NUMBERS:
         v = row.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, _NUMBER)):
             return f"{key} is {v!r}: expected a number or null"
+    return _range_problem(row) if name == RESULTS_FILE else None
+
+
+_ACCURACIES = ("train_acc", "test_acc")
+_LOSSES = ("train_loss", "test_loss", "train_loss_running")
+
+
+def _range_problem(row: dict) -> str | None:
+    """Values no run writes: an accuracy outside [0, 1], a negative or non-finite loss, a metric that is
+    null or not a number (NaN) while the row says the member did not diverge."""
+    for key in _ACCURACIES + _LOSSES:
+        v = row.get(key)
+        if v is None:
+            if key in row and not row["diverged"] and key != "train_loss_running":
+                return f"{key} is null though diverged is false: a member's metrics are null only once it diverged"
+            continue
+        if not math.isfinite(v):
+            return f"{key} is {v!r}: not a finite number{'' if row['diverged'] else ' though diverged is false'}"
+        if key in _ACCURACIES and not 0 <= v <= 1:
+            return f"{key} is {v!r}: an accuracy is in [0, 1]"
+        if key in _LOSSES and v < 0:
+            return f"{key} is {v!r}: a cross-entropy loss is >= 0"
     return None
 
 

@@ -14,13 +14,15 @@ import itertools
 import json
 import math
 import os
+import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..config import Config, ConfigError, make_config, parse_seeds, sweep_kinds
-from ..dist.layout import choose_layout
+from ..config import MAX_SEED, MAX_TIMEOUT_S, Config, ConfigError, make_config, parse_seeds, sweep_kinds
+from ..dist.layout import check_launch, choose_layout
 from ..train.memory import check_fits
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -56,6 +58,7 @@ class Unit:
     config: Config | None  # None: an invalid combination
     error: str | None = None
     id: str = ""
+    same: list = field(default_factory=list)  # labels of later grid points that are this unit (same id): run once
 
     @property
     def expected_rows(self) -> int:
@@ -65,12 +68,13 @@ class Unit:
     def to_dict(self) -> dict:
         return {"index": self.index, "id": self.id, "label": self.label, "nproc": self.nproc, "device": self.device,
                 "config": self.config.to_dict() if self.config else None, "error": self.error,
-                "expected_rows": self.expected_rows if self.config else None}
+                "expected_rows": self.expected_rows if self.config else None,
+                **({"same": self.same} if self.same else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> Unit:
         cfg = Config(**d["config"]) if d["config"] else None
-        return cls(d["index"], d["label"], d["nproc"], d["device"], cfg, d["error"], d["id"])
+        return cls(d["index"], d["label"], d["nproc"], d["device"], cfg, d["error"], d["id"], list(d.get("same", [])))
 
 
 @dataclass
@@ -105,13 +109,21 @@ def _check_value(where: str, key: str, value):
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
         kind = "ints"
+        big = [v for v in value if isinstance(v, int) and v > MAX_SEED] if isinstance(value, list) else []
+        if big:
+            raise ConfigError(f"{where}: seed {max(big)} is above {MAX_SEED} (2^63 - 1: torch.manual_seed's range "
+                              f"as rows hold it)")
     if kind in ("ints", "strs", "floats"):
         item = {"ints": int, "strs": str, "floats": (int, float)}[kind]
         if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where}: expected {_DESCRIBE[kind]}, {got}")
+        if kind == "floats" and not all(math.isfinite(v) for v in value):
+            raise ConfigError(f"{where}: expected finite numbers, {got}")
         return tuple(float(v) for v in value) if kind == "floats" else tuple(value)
     if not _is(kind, value):
         raise ConfigError(f"{where}: expected {_DESCRIBE[kind]}, {got}")
+    if kind == "float" and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, {got}")
     if key == "device" and value not in DEVICES:
         raise ConfigError(f"{where}: unknown device {value!r}; valid: {', '.join(DEVICES)}")
     if key == "nproc" and value < 1:
@@ -131,9 +143,11 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     """Parse and check a sweep file; every error names the key it is about."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark some editors write is no statement
     except OSError as e:
         raise ConfigError(f"cannot read sweep file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); TOML files are UTF-8") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -151,6 +165,12 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         if not (_is(kind, value) and (kind == "str" or value > 0)):
             want = "a string" if kind == "str" else f"a positive {'integer' if kind == 'int' else 'number'}"
             raise ConfigError(f"sweep.{key}: expected {want}, got {value!r}")
+        if kind == "float" and not math.isfinite(value):
+            raise ConfigError(f"sweep.{key}: expected a finite number, got {value!r}")
+        if key == "dist_timeout" and value > MAX_TIMEOUT_S:
+            raise ConfigError(f"sweep.dist_timeout: at most {MAX_TIMEOUT_S:,} seconds (7 days), got {value:g}")
+        if kind == "str":
+            check_printable(f"sweep.{key}", value)
         settings[key] = value
     if settings.get("executor", "local") not in EXECUTORS:
         raise ConfigError(f"sweep.executor: unknown executor {settings['executor']!r}; valid: {', '.join(EXECUTORS)}")
@@ -172,6 +192,10 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         if key in OPTION_KEYS:
             grid[key] = [_check_value(f"grid.{key}[{i}]", key, v) for i, v in enumerate(choices)]
             options = {key}
+        elif any(isinstance(c, dict) for c in choices) and not all(isinstance(c, dict) for c in choices):
+            i = next(i for i, c in enumerate(choices) if not isinstance(c, dict))
+            raise ConfigError(f"grid.{key}: a group's choices are tables of options ({{ lr = 0.1, ... }}); "
+                              f"grid.{key}[{i}] is {choices[i]!r}")
         elif all(isinstance(c, dict) for c in choices):  # a group: each table sets several options
             grid[key] = []
             for i, table in enumerate(choices):
@@ -192,6 +216,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
 
 
 def _check_slurm(table: dict) -> dict:
+    """[slurm], key by key. Every string reaches the job script submitit writes (#SBATCH --name=value lines):
+    a newline or other control character there would end the comment and start a shell command."""
     for key, value in table.items():
         if key not in SLURM_KEYS:
             raise _unknown("slurm", key, list(SLURM_KEYS))
@@ -200,13 +226,47 @@ def _check_slurm(table: dict) -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"slurm.{key}: expected a table of sbatch options (name = value), got {value!r}")
             for name, v in value.items():
+                if not _SBATCH_NAME.fullmatch(name):
+                    raise ConfigError(f"slurm.{key}: option name {name!r} is not an sbatch option's name (letters, "
+                                      f"digits, - and _)")
+                if v is False:
+                    raise ConfigError(f"slurm.{key}.{name}: false is no sbatch value: leave the option out instead")
                 if not isinstance(v, (str, int, float, bool)):
                     raise ConfigError(f"slurm.{key}.{name}: expected a string, number or true, got {v!r}")
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"slurm.{key}.{name}: expected a finite number, got {v!r}")
+                if isinstance(v, str):
+                    check_printable(f"slurm.{key}.{name}", v)
         elif not (_is(kind, value) and (kind == "str" or value > 0 or (key == "gpus_per_node" and value == 0))):
             sign = "non-negative" if key == "gpus_per_node" else "positive"
             want = "a string" if kind == "str" else f"a {sign} {'integer' if kind == 'int' else 'number'}"
             raise ConfigError(f"slurm.{key}: expected {want}, got {value!r} ({type(value).__name__})")
+        elif kind == "float" and not math.isfinite(value):
+            raise ConfigError(f"slurm.{key}: expected a finite number, got {value!r}")
+        elif kind == "str":
+            check_printable(f"slurm.{key}", value)
+    mem = table.get("mem_gb")
+    if mem is not None and mem < MIN_MEM_GB:
+        raise ConfigError(f"slurm.mem_gb: {mem:g} GB is below {MIN_MEM_GB:g} GB (1 MB): submitit writes whole MB, and "
+                          f"SLURM reads --mem=0 as all of a node's memory")
+    if mem is not None and mem > MAX_MEM_GB:
+        raise ConfigError(f"slurm.mem_gb: {mem:g} GB is above {MAX_MEM_GB:,} GB")
     return dict(table)
+
+
+_SBATCH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+MIN_MEM_GB = 0.001  # 1 MB: submitit writes int(mem_gb * 1024) MB, and --mem=0 means a whole node's memory
+MAX_MEM_GB = 2**20  # a PB
+
+
+def check_printable(where: str, value: str) -> None:
+    """ConfigError for a string that holds a newline or another control character (Unicode category C*:
+    line and paragraph separators too), naming where and which."""
+    bad = next((c for c in value if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")),
+               None)
+    if bad is not None:
+        raise ConfigError(f"{where}: {value!r} holds the control character {bad!r} (U+{ord(bad):04X}); values that "
+                          f"reach a job script or a shell are plain text on one line")
 
 
 def _seed_label(seeds: tuple[int, ...]) -> str:
@@ -250,7 +310,9 @@ def count_units(sweep: Sweep) -> tuple[int, str]:
 
 
 def plan(sweep: Sweep, cuda_available: bool, max_units: int | None = None) -> list[Unit]:
-    """Every unit of the sweep, in a fixed order: grid combinations x seed chunks x repeats."""
+    """Every unit of the sweep, in a fixed order: grid combinations x seed chunks x repeats. Grid points
+    that make the same unit (equal id: lr = [0.01, 0.01], or device "auto" and "cpu" on a CPU machine)
+    are one unit, run once; it lists the others' labels in `same`."""
     limit = max_units or sweep.settings.get("max_units", MAX_UNITS)
     count, how = count_units(sweep)
     if count > limit:
@@ -259,7 +321,8 @@ def plan(sweep: Sweep, cuda_available: bool, max_units: int | None = None) -> li
                           f"status take about a second per 10,000 units)")
     repeats = sweep.settings.get("repeats", 1)
     units: list[Unit] = []
-    for varying, options in _combinations(sweep):
+    by_id: dict[str, Unit] = {}
+    for point, (varying, options) in enumerate(_combinations(sweep), start=1):
         nproc = options.pop("nproc", 1)
         device = options.pop("device", "auto")
         if device == "auto":
@@ -277,8 +340,18 @@ def plan(sweep: Sweep, cuda_available: bool, max_units: int | None = None) -> li
                                  + ([f"repeat={repeat}"] if repeats > 1 else [])) or "(the one configuration)"
                 unit = Unit(len(units) + 1, label, nproc, device, None, error)
                 _settle(unit, base, part, repeat, cuda_available, options)
+                if unit.id in by_id:
+                    by_id[unit.id].same.append(f"grid point {point} ({label})")
+                    continue
+                by_id[unit.id] = unit
                 units.append(unit)
     return units
+
+
+def collapsed_lines(units: list[Unit]) -> list[str]:
+    """One line per unit that stands for several grid points, for --dry-run and the sweep's start."""
+    return [f"unit {u.index} ({u.label}) is also {', '.join(u.same)}: the same unit, run once"
+            for u in units if u.same]
 
 
 def _settle(unit: Unit, base: Config | None, seeds: tuple, repeat: int, cuda_available: bool, options: dict) -> None:
@@ -289,6 +362,7 @@ def _settle(unit: Unit, base: Config | None, seeds: tuple, repeat: int, cuda_ava
         try:
             cfg = dataclasses.replace(base, seeds=seeds, repeat=repeat)
             layout = choose_layout(cfg, unit.nproc)  # the error a launch would give, now
+            check_launch(cfg, unit.nproc, layout.dp)  # and those its ranks would give
             if unit.device == "cpu":  # and the memory check (a GPU's is the run's own, on its device)
                 check_fits(cfg, max(layout.sizes()), cfg.global_batch(layout.dp) // layout.dp, "cpu", unit.nproc)
             if unit.device == "cuda" and not cuda_available:

@@ -22,7 +22,6 @@ One-process units of this machine's default device run inside the sweep's proces
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -36,24 +35,14 @@ import pandas as pd
 
 from ..config import ConfigError, run_argv
 from ..files import write_atomic
-from ..store.folder import EVENTS_FILE, META_FILE, RESULTS_FILE, FolderLock, move_rows_aside, repair_tail
+from ..store.folder import EVENTS_FILE, RESULTS_FILE, FolderLock, move_rows_aside, repair_tail
 from ..dist.launch import SWEEP_CHILD_ENV, accelerate_command, die_with_parent, failure_cause
 from ..store.provenance import utcnow
-from ..store.record import live_status, update_meta
-from ..store.results import (
-    ResultsProblem,
-    append_lines,
-    done_units,
-    new_rows_of_unit,
-    read_events,
-    read_results,
-    refuse_own_file,
-    rows_of_unit,
-)
-from .plan import Sweep, Unit, load_sweep, plan
+from ..store.record import update_meta
+from ..store.results import append_lines, done_units, new_rows_of_unit, read_events, refuse_own_file, rows_of_unit
+from .plan import Sweep, Unit, check_printable, collapsed_lines, load_sweep, plan
+from .status import PLAN_FILE, _meta_runs, _rows, unit_table
 from ..store.tracking import check_trackers
-
-PLAN_FILE = "plan.json"
 
 
 # -- running ----------------------------------------------------------------------------
@@ -226,11 +215,14 @@ def run_sweep(path, out=None, quiet: bool = False, data_root=None, dry_run: bool
     explicit = bool(out)
     out = Path(out) if out else sweep.out
     refuse_own_file(out, "--out" if explicit else "[sweep] out")
+    if sweep.settings.get("log_with"):
+        check_trackers(sweep.settings["log_with"].split(","))  # before the plan is shown or anything is written
     if dry_run:
         return show_plan(sweep, out)
     if sweep.settings.get("executor") == "slurm":
         from .slurm import check_cluster
 
+        check_printable("--out" if explicit else "sweep.out", str(out.resolve()))  # it is in every job script
         check_cluster(sweep.slurm)  # before the folder is touched, and before any job
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +273,8 @@ def _run_locked(sweep: Sweep, out: Path, quiet: bool, data_root) -> int:
         say(f"bnbench: {n} rows of the unfinished run {run_id} moved to {out}/superseded/{run_id}.jsonl; its unit runs again")
     if not quiet:
         say(f"bnbench sweep {sweep.path} -> {out}: {len(units)} units, {len(done)} done before, {len(todo)} to run")
+        for line in collapsed_lines(units):
+            say(f"  {line}")
     progress = Progress(len(todo), quiet)
     runner = Runner(out, sweep.settings, data_root, progress)
     outcome = {}
@@ -317,12 +311,6 @@ def _planned_units(out: Path) -> list[Unit]:
         return []
 
 
-def _meta_runs(out: Path) -> dict[str, dict]:
-    try:
-        runs = json.loads((out / META_FILE).read_text())["runs"]
-        return runs if isinstance(runs, dict) else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
 
 
 def _unfinished(out: Path, rows: pd.DataFrame, units: list[Unit], todo: list[Unit], previous: list[Unit]):
@@ -348,139 +336,15 @@ def _unfinished(out: Path, rows: pd.DataFrame, units: list[Unit], todo: list[Uni
     return select
 
 
-def _rows(out: Path):
-    try:
-        return read_results(out)
-    except ResultsProblem as e:  # no rows yet; a file that is there but cannot be read is a problem
-        return pd.DataFrame(), ([str(e)] if os.path.lexists(out / RESULTS_FILE) else [])
-
-
-# -- status and export ------------------------------------------------------------------
-def unit_table(out: Path, units: list[Unit], running: bool):
-    """One row per planned unit: its state, epochs recorded, and why it failed."""
-    rows, problems = _rows(out)
-    events, event_problems = read_events(out)
-    done = done_units(rows, units)
-    recorded = rows.groupby("unit")["epoch"].max() if "unit" in rows else pd.Series(dtype=float)
-    if any(e.get("event") == "submitted" for e in events.values()):
-        from .slurm import queue, shown
-
-        jobs = queue()  # once: SLURM's state of every job
-    table = []
-    for u in units:
-        last = events.get(u.id, {})
-        epochs = int(recorded.get(u.id, 0))
-        if u.id in done:
-            d = done[u.id]
-            state = "diverged" if d["all_diverged"] else "done"
-            detail = f"{d['diverged']}/{d['members']} diverged" if d["diverged"] else ""
-        elif u.error is not None or last.get("event") == "failed":
-            state, detail = "failed", last.get("reason", u.error)
-        elif last.get("event") == "submitted":
-            state, detail, epochs = shown(out, u, last, jobs, running)
-        elif last.get("event") == "start" and running:
-            state, detail = "running", ""
-        elif last.get("event") in ("start", "interrupted"):
-            state, detail = "interrupted", "reruns from the start on resume"
-        else:
-            state, detail = "left", ""
-        table.append({"unit": u.index, "state": state, "what": u.label, "procs": f"{u.nproc}x{u.device}",
-                      "epochs": f"{epochs}/{u.config.epochs}" if u.config else "-", "id": u.id, "detail": detail or ""})
-    return pd.DataFrame(table), problems + event_problems
-
-
+# -- the plan, shown ---------------------------------------------------------------------
 def show_plan(sweep: Sweep, out: Path) -> int:
     units = plan(sweep, cuda_available=_home_device(sweep) == "cuda")
     table, problems = unit_table(out, units, running=False)
     print(f"sweep {sweep.path} -> {out}: {len(units)} units (dry run: nothing is run or written)")
     print(table.to_string(index=False))
+    for line in collapsed_lines(units):
+        print(line)
     return 0
 
 
-def status(out: str | os.PathLike) -> int:
-    out = Path(out)
-    if not out.is_dir():
-        raise ConfigError(f"no results folder {out}")
-    running = _sweep_running(out)
-    plan_path = out / PLAN_FILE
-    if not plan_path.exists():
-        return _status_of_runs(out, running)
-    try:
-        doc = json.loads(plan_path.read_text())
-        units = [Unit.from_dict(u) for u in doc["units"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{plan_path} is unreadable ({type(e).__name__}: {e}); rerunning the sweep file into {out} "
-                          f"writes it again (rows are kept)") from None
-    table, problems = unit_table(out, units, running)
-    counts = table["state"].value_counts()
-    print(f"sweep {out} ({doc['file']}, planned {doc['created']}): {len(table)} units; "
-          + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "queued", "running", "submitted", "ended", "failed",
-                                                                "interrupted", "left", "diverged")
-                      if counts.get(s, 0) or s in ("done", "left", "failed")))
-    if running:
-        print(f"  a sweep holds the folder now: {FolderLock(out).holder()}")
-    print(table.drop(columns=["id"]).to_string(index=False))
-    _print_problems(problems)
-    return 0
-
-
-def _sweep_running(out: Path) -> bool:
-    try:
-        with FolderLock(out) as lock:
-            return lock.is_held()
-    except OSError:
-        return False
-
-
-def _status_of_runs(out: Path, running: bool) -> int:
-    """A folder of plain `bnbench run`s: each run's status and rows."""
-    rows, problems = _rows(out)
-    meta = {}
-    if (out / META_FILE).exists():
-        try:
-            meta = json.loads((out / META_FILE).read_text())["runs"]
-        except (ValueError, KeyError, TypeError) as e:
-            problems = problems + [f"{out / META_FILE}: unreadable ({type(e).__name__}: {e}); runs' status unknown "
-                                   f"(the next run into the folder moves it aside and starts a new one)"]
-    table = [{"run_id": rid, "status": live_status(m), "rows": int((rows["run_id"] == rid).sum()) if "run_id" in rows else 0,
-              "epochs": m.get("config", {}).get("epochs"), "error": m.get("error", "")} for rid, m in sorted(meta.items())]
-    print(f"results folder {out}: {len(table)} runs (no sweep plan here){'; a sweep holds it now' if running else ''}")
-    if table:
-        print(pd.DataFrame(table).to_string(index=False))
-    _print_problems(problems)
-    return 0
-
-
-def _print_problems(problems: list[str]) -> None:
-    if problems:
-        print(f"{len(problems)} problem lines (left in place, not counted):")
-        for p in problems:
-            print(f"  {p}")
-
-
-def export(out: str | os.PathLike, fmt: str, dest=None) -> Path:
-    """results.jsonl as one flat CSV or Parquet table (written atomically)."""
-    out = Path(out)
-    dest = Path(dest) if dest else out / f"results.{fmt}"
-    refuse_own_file(dest, "--out")  # an export never writes over what it reads, nor any folder's own file
-    try:
-        rows, problems = read_results(out)
-    except ResultsProblem as e:
-        raise ConfigError(str(e)) from None
-    for p in problems:
-        print(f"bnbench: warning: {p} (not exported)", file=sys.stderr)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        if fmt == "csv":
-            rows.to_csv(tmp, index=False)
-        else:
-            rows.to_parquet(tmp, index=False)
-        os.replace(tmp, dest)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(dest)) from e
-    except Exception as e:  # pyarrow refuses a column of mixed types that the row checks let through
-        raise ConfigError(f"cannot write {dest}: {type(e).__name__}: {e}; --format csv takes any column") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return dest
+from .status import export, status  # noqa: E402, F401 (moved to status.py; importable from here as before)

@@ -105,6 +105,18 @@ def resources(unit, conf: dict) -> dict:
     return {"nodes": nodes, "tasks_per_node": 1, "gpus_per_node": per_node, "cpus_per_task": per_node * cpus}
 
 
+def job_parameters(conf: dict, shape: dict) -> dict:
+    """submitit's parameters for a job array of one resource shape (`resources`): every value here reaches the
+    job script as an #SBATCH line, checked first (plan.py: _check_slurm refuses control characters)."""
+    return {"name": "bnbench", "timeout_min": conf.get("time_min", DEFAULT_TIME_MIN),
+            "slurm_array_parallelism": conf.get("array_parallelism", 256),
+            **({"slurm_partition": conf["partition"]} if "partition" in conf else {}),
+            **({"slurm_account": conf["account"]} if "account" in conf else {}),
+            **({"mem_gb": conf["mem_gb"]} if "mem_gb" in conf else {}),
+            **({"slurm_additional_parameters": dict(conf["additional"])} if conf.get("additional") else {}),
+            **shape}
+
+
 @dataclass
 class UnitJob:
     """What a job runs (submitit pickles it; the job's python is the sweep's): one unit, as `bnbench run`."""
@@ -276,18 +288,11 @@ class SlurmUnits:
             except ConfigError as e:
                 outcome[u.id] = self._end(u, "failed", str(e))
         executor = submitit.AutoExecutor(folder=self.folder, cluster="slurm")
-        c = self.conf
-        common = {"name": "bnbench", "timeout_min": c.get("time_min", DEFAULT_TIME_MIN),
-                  "slurm_array_parallelism": c.get("array_parallelism", 256),
-                  **({"slurm_partition": c["partition"]} if "partition" in c else {}),
-                  **({"slurm_account": c["account"]} if "account" in c else {}),
-                  **({"mem_gb": c["mem_gb"]} if "mem_gb" in c else {}),
-                  **({"slurm_additional_parameters": dict(c["additional"])} if c.get("additional") else {})}
         env = {"BNBENCH_DATA_ROOT": str(self.runner.data_root)} if self.runner.data_root else {}
         trackers = ["--log-with", ",".join(self.runner.trackers)] if self.runner.trackers else []
         watch = {}
         for shape, group in shapes.items():
-            executor.update_parameters(**common, **dict(shape))
+            executor.update_parameters(**job_parameters(self.conf, dict(shape)))
             try:
                 with executor.batch():
                     jobs = [executor.submit(UnitJob(str(self.jobs), u.id, u.nproc, u.device == "cpu",
