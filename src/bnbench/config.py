@@ -12,10 +12,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 
-VARIANTS = ("bn", "nobn")  # BatchNorm1d after each hidden Linear / the plain MLP
+# What follows each hidden Linear (train/norms.py): BatchNorm1d, nothing, LayerNorm, GroupNorm,
+# RMSNorm, Batch Renormalization. The lab's two come first, and stay the default.
+VARIANTS = ("bn", "nobn", "ln", "gn", "rms", "brn")
+DEFAULT_VARIANTS = ("bn", "nobn")
+GN_CHANNELS_PER_GROUP = 8  # gn's default group count leaves at least this many channels per group
 DATASETS = ("mnist", "fashion-mnist")
 ENGINES = ("stacked", "reference")
 STEP_IMPLS = ("fused", "autograd")  # train/step.py: the hand-written step or autograd, bitwise the same
@@ -118,7 +123,9 @@ class Config:
     epochs: int = setting(15, "passes over the training set", "int", check="positive",
                           column="epochs configured for the run")
     seeds: tuple[int, ...] = setting((0, 1, 2, 3, 4), "init and data-order seeds, e.g. 0,3,7 or 0-9", "seeds")
-    variants: tuple[str, ...] = setting(VARIANTS, "comma list of: bn, nobn", "strs", choices=VARIANTS)
+    variants: tuple[str, ...] = setting(DEFAULT_VARIANTS, "comma list of: bn (BatchNorm1d), nobn (none), ln "
+                                        "(LayerNorm), gn (GroupNorm), rms (RMSNorm), brn (Batch Renormalization)",
+                                        "strs", choices=VARIANTS)
     engine: str = setting("stacked", "stacked (all members in batched matmuls) / reference (one nn.Sequential each)",
                           "str", choices=ENGINES, column=True)
     step_impl: str = setting("fused", "how a stacked step is computed: fused (hand-written backward, Adam's kernel "
@@ -146,6 +153,20 @@ class Config:
                                  "(--bn-drop-bias)", "bool", column=True, later=True)
     eval_every: int | None = setting(None, "steps per evaluation window (null: once per epoch)", "int",
                                      check="positive", column=True, later=True, metavar="STEPS")
+    # The normalizations' own settings (train/norms.py says where each default comes from).
+    gn_groups: int | None = setting(None, "GroupNorm's groups for gn members (default: the most that leave at least 8 "
+                                    "channels per group in every hidden layer: 4 for 32 units)", "int", check="positive",
+                                    column=True, later=True, metavar="G")
+    brn_r_max: float = setting(3.0, "Batch Renormalization's largest r once relaxed (Ioffe 2017: 3)", "float",
+                               column=True, later=True)
+    brn_d_max: float = setting(5.0, "Batch Renormalization's largest |d| once relaxed (Ioffe 2017: 5)", "float",
+                               column=True, later=True)
+    brn_warmup: int = setting(5000, "steps of plain BN (r_max 1, d_max 0) before brn relaxes (Ioffe 2017: 5,000)",
+                              "int", check="non_negative", column=True, later=True, metavar="STEPS")
+    brn_r_full: int = setting(40_000, "step at which brn reaches brn_r_max, linearly from the warm-up's end "
+                              "(Ioffe 2017: 40,000)", "int", check="positive", column=True, later=True, metavar="STEP")
+    brn_d_full: int = setting(25_000, "step at which brn reaches brn_d_max (Ioffe 2017: 25,000)", "int",
+                              check="positive", column=True, later=True, metavar="STEP")
     # Instruments (instruments.py): measured on the side, training itself is bitwise unchanged.
     instrument: bool = setting(False, "record per-layer gradient norms, pre-activation percentiles and ICS measures",
                                "bool", later=True, group="instruments")
@@ -168,6 +189,16 @@ class Config:
                 value = _as_float(value)
             object.__setattr__(self, f.name, value)
         validate(self)
+
+    def gn_groups_for(self) -> int:
+        """gn's group count: the setting, or the most groups that divide every hidden width and leave
+        at least GN_CHANNELS_PER_GROUP channels each (1, LayerNorm's grouping, when no width has 8).
+        Wu & He (2018) use 32 groups of a conv layer's many channels; an MLP's few units are better
+        served by a sensible group size than by a group count."""
+        if self.gn_groups is not None:
+            return self.gn_groups
+        g = math.gcd(*self.hidden)
+        return max([d for d in range(1, g + 1) if g % d == 0 and g // d >= GN_CHANNELS_PER_GROUP] or [1])
 
     def to_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
@@ -321,6 +352,35 @@ def validate(cfg: Config) -> None:
     if any(s < 0 or s > MAX_SEED for s in cfg.seeds):
         raise ConfigError(f"seeds must be in 0 .. {MAX_SEED} (2^63 - 1: torch.manual_seed's range as rows hold it), "
                           f"got {_short(cfg.seeds)}")
+    _validate_norms(cfg)
+
+
+def _validate_norms(cfg: Config) -> None:
+    """The normalizations' settings, checked before any work (train/norms.py)."""
+    if "gn" in cfg.variants:
+        g, common = cfg.gn_groups_for(), math.gcd(*cfg.hidden)
+        bad = [w for w in cfg.hidden if w % g]
+        if bad:
+            fits = [d for d in range(1, common + 1) if common % d == 0]
+            raise ConfigError(f"gn_groups {g} does not divide hidden width {bad[0]} (hidden "
+                              f"{','.join(map(str, cfg.hidden))}); groups that divide every width: "
+                              f"{', '.join(map(str, fits))}")
+    if "brn" in cfg.variants:
+        if not (isinstance(cfg.brn_r_max, float) and 1.0 <= cfg.brn_r_max < float("inf")):
+            raise ConfigError(f"brn_r_max must be a finite number >= 1 (1: r is always 1), got {cfg.brn_r_max!r}")
+        if not (isinstance(cfg.brn_d_max, float) and 0.0 <= cfg.brn_d_max < float("inf")):
+            raise ConfigError(f"brn_d_max must be a finite number >= 0 (0: d is always 0), got {cfg.brn_d_max!r}")
+        for name in ("brn_r_full", "brn_d_full"):
+            if getattr(cfg, name) < cfg.brn_warmup:
+                raise ConfigError(f"{name} ({getattr(cfg, name)}) comes before the end of brn_warmup "
+                                  f"({cfg.brn_warmup}): the limits relax after the warm-up")
+    per_sample = [v for v in cfg.variants if v in ("ln", "gn", "rms")]
+    if cfg.sync_bn and per_sample and not {"bn", "brn"} & set(cfg.variants):
+        raise ConfigError(f"--sync-bn synchronises batch statistics, and {','.join(per_sample)} have none (they "
+                          "normalize each sample alone); add bn or brn to --variants, or drop --sync-bn")
+    if cfg.instrument and not set(cfg.variants) <= {"bn", "nobn"}:
+        other = [v for v in cfg.variants if v not in ("bn", "nobn")]
+        raise ConfigError(f"--instrument measures bn and nobn members; {','.join(other)} cannot be instrumented yet")
 
 
 def _short(values: tuple) -> str:
