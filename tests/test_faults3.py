@@ -367,3 +367,23 @@ def test_eval_batch_says_what_it_changes():
     assert "memory only" not in field.metadata["help"] and "last digits" in field.metadata["help"]
     row = [x for x in (REPO / "docs" / "usage.md").read_text().splitlines() if x.startswith("| `--eval-batch`")]
     assert len(row) == 1 and "memory only" not in row[0] and "test_loss" in row[0] and "last digits" in row[0]
+
+
+def test_the_memory_hint_names_what_would_help(capsys):
+    """Item 17: a net too large for one member per variant is not told to use fewer seeds."""
+    from bnbench.config import ConfigError, make_config
+    from bnbench.train.memory import check_fits
+
+    cfg = make_config(hidden=(100_000,), seeds=(0,))
+    try:
+        check_fits(cfg, 2, 100, "cpu")
+    except ConfigError as e:
+        text = str(e)
+    else:
+        raise AssertionError("a 100,000-unit layer with an evaluation chunk of 10,000 fitted")
+    assert "fewer seeds" not in text and "smaller --eval-batch" in text and "fewer --variants" in text
+    many = make_config(seeds=tuple(range(2_000)), hidden=(2_000, 2_000))
+    try:
+        check_fits(many, 4_000, 100, "cpu")
+    except ConfigError as e:
+        assert "fewer seeds per launch" in str(e)

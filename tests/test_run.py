@@ -114,7 +114,7 @@ def _cli(*args, env=None, timeout=600):
     "args, expect",
     [
         (["--preset", "lab"], "unknown preset 'lab'; valid: seed"),
-        (["--variants", "bn,ln"], "unknown variant 'ln'; valid: bn, nobn"),
+        (["--variants", "bn,lnorm"], "unknown variant 'lnorm'; valid: bn, nobn, ln, gn, rms, brn"),
         (["--dataset", "cifar"], "unknown dataset 'cifar'; valid: mnist, fashion-mnist"),
         (["--engine", "fast"], "unknown engine 'fast'; valid: stacked, reference"),
         (["--activation", "elu"], "unknown activation 'elu'"),

@@ -67,5 +67,15 @@ def check_fits(cfg: Config, members: int, per_process_batch: int, device, proces
         f"{members:,} members per process{f' x {processes_here} processes' if processes_here > 1 else ''} need about "
         f"{need / gib:,.1f} GiB ({each / 2**20:,.1f} MiB per member, most of it an evaluation chunk of --eval-batch "
         f"{cfg.eval_batch:,}), more than {SHARE:.0%} of the {have / gib:,.1f} GiB available on {device}: about {fit:,} "
-        f"fit. Use fewer seeds per launch (a sweep's seeds_per_unit), a smaller --eval-batch, or more processes "
-        f"(seed groups share the members out).")
+        f"fit. {_remedy(cfg, members, fit)}")
+
+
+def _remedy(cfg: Config, members: int, fit: int) -> str:
+    """What would help: fewer seeds only where there are several; below one member per variant, a
+    smaller --eval-batch or fewer variants (or a smaller net)."""
+    if len(cfg.seeds) > 1 and fit >= len(cfg.variants):
+        return ("Use fewer seeds per launch (a sweep's seeds_per_unit), a smaller --eval-batch, or more processes "
+                "(seed groups share the members out).")
+    fewer = "fewer --variants, " if len(cfg.variants) > 1 else ""
+    return (f"Even one seed's {len(cfg.variants)} member(s) do not fit: use a smaller --eval-batch, {fewer}or "
+            f"narrower --hidden layers.")
