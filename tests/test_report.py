@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import base64
 import re
+import os
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import pytest
@@ -12,6 +14,8 @@ import pytest
 from bnbench.reporting.report import build_report, mean_ci95
 from bnbench.reporting.stats import bootstrap_ci95, paired_test, time_to_target
 from bnbench.store.results import ResultsWriter, read_results
+
+from conftest import REPO
 
 # final test accuracy per seed (epoch 2); epoch 1 is lower for everyone
 FINAL = {"bn": {0: 0.97, 1: 0.975, 2: 0.972}, "nobn": {0: 0.96, 1: 0.962, 2: 0.968}}
@@ -57,8 +61,10 @@ def test_tables_match_hand_computation(tmp_path):
     assert "3 paired seeds" in md and "(paired t-test; Wilcoxon p = 0.250)" in md  # all 3 positive: 2/8 exactly
     page = html_path.read_text()
     imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    figures = ("final_accuracy", "learning_curves", "time_to_target")
+    figures = ("final_accuracy", "learning_curves")
     assert len(imgs) == len(figures)  # every figure embedded
+    # Every BN member reaches 0.97 at epoch 2: one point along the time-to-target axis, so no figure (the table says it).
+    assert not (tmp_path / "report" / "time_to_target.png").exists()
     for b in imgs:
         assert base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n"
     for name in figures:
@@ -167,42 +173,85 @@ def test_all_diverged_still_reports(tmp_path):
 
 
 
+# Once loaded: figures that loaded / figures; and the page's widths at the window's size: its scrollWidth, the
+# window's innerWidth, the right edge of the widest element (a table or figure wider than the page shows there).
 PROBE = """<script>
 window.addEventListener("load", () => {
   const imgs = [...document.images];
   const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  const right = Math.max(...[...document.body.querySelectorAll("*")].map(e => e.getBoundingClientRect().right));
   document.body.setAttribute("data-figures", ok + "/" + imgs.length);
+  document.body.setAttribute("data-widths", [document.scrollingElement.scrollWidth, window.innerWidth,
+                                             Math.ceil(right), document.scrollingElement.scrollHeight].join(","));
 });
 </script></body>"""
+WIDTH = 1280  # the report is read at this window width
+GLANCE = 1600  # the height of the screenshot: the verdict, the configuration, the final accuracy and its pairs
 
 
-def _open_in_chromium(page: Path) -> tuple[str, list[str]]:
-    """Load a page in headless Chromium: (figures loaded / figures, console messages)."""
+class Opened(NamedTuple):
+    loaded: str  # "figures loaded/figures"
+    console: list  # console messages
+    scroll_width: int  # document.scrollingElement.scrollWidth
+    window_width: int  # window.innerWidth
+    widest: int  # the right edge of the widest element, px
+    height: int  # the page's full height, px
+
+
+def _chromium() -> str:
     import shutil
-    import subprocess
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:  # loud, not skipped: ./launch.sh test installs Debian's chromium when missing
         pytest.fail("Chromium not found: apt-get install -y chromium (./launch.sh test does it when it can)")
+    return chromium
+
+
+def _open_in_chromium(page: Path, width: int = WIDTH) -> Opened:
+    """Load a page in headless Chromium in a window `width` px wide: what loaded, what the console said, its widths."""
+    import subprocess
+
     probe = page.with_name("probe-" + page.name)
     probe.write_text(page.read_text().replace("</body>", PROBE))
-    p = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-                        "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--enable-logging=stderr", "--v=0", f"--window-size={width},900", "--virtual-time-budget=10000",
+                        "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    probe.unlink()
     assert p.returncode == 0, p.stderr[-2000:]
     loaded = re.search(r'data-figures="([^"]*)"', p.stdout)
-    return (loaded.group(1) if loaded else "no load event"), [x for x in p.stderr.splitlines() if ":CONSOLE" in x]
+    widths = re.search(r'data-widths="(\d+),(\d+),(-?\d+),(\d+)"', p.stdout)
+    return Opened(loaded.group(1) if loaded else "no load event", [x for x in p.stderr.splitlines() if ":CONSOLE" in x],
+                  *(map(int, widths.groups()) if widths else (-1, -1, -1, -1)))
+
+
+def screenshot(page: Path, dest: Path, width: int = WIDTH, height: int = GLANCE) -> Path:
+    """The top of a page as headless Chromium draws it in a window `width` x `height` px, as a PNG: what one sees
+    on opening it (reports/lab/report/screenshot-1280.png: see test_the_committed_lab_report_reads_at_1280_px)."""
+    import subprocess
+
+    p = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--window-size={width},{height}", "--virtual-time-budget=10000", f"--screenshot={dest}",
+                        page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and dest.exists(), p.stderr[-2000:]
+    return dest
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
 @pytest.mark.needs_chromium
 def test_report_opens_in_headless_chromium_every_figure_loads(tmp_path):
     _write(tmp_path, _rows())
     page = build_report(tmp_path)
-    loaded, console = _open_in_chromium(page)
-    assert loaded == "3/3" and console == [], (loaded, console)
+    loaded, console, *_ = _open_in_chromium(page)
+    assert loaded == "2/2" and console == [], (loaded, console)
     # The probe can fail: a broken figure and a console error are both seen.
     bad = tmp_path / "bad.html"
     bad.write_text('<!doctype html><html><body><img src="data:image/png;base64,AAAA"><script>console.error("x")</script></body></html>')
-    loaded, console = _open_in_chromium(bad)
+    loaded, console, *_ = _open_in_chromium(bad)
     assert loaded == "0/1" and len(console) == 1 and '"x"' in console[0]
 
 
@@ -229,9 +278,12 @@ def test_throughput_scaling_sync_bn_and_repeats(tmp_path):
     assert md.count("3 paired seeds") == 4 and "6 paired seeds" not in md
     # Throughput: the epoch-2 rate per run (epoch 1 is warm-up), median and range over the repeats;
     # 1 process: runs at 2000 and 3000 -> median 2500; 2 processes: 1000 and 2000 -> 1500, efficiency 1500 / (2 x 2500).
+    # Only the columns that differ between rows; what every row shares, once above the table.
     section = md.split("## Throughput and scaling")[1].split("##")[0]
-    assert "| CPU | 1 | stacked | False | 6 | 100 | 2,500 | 2,000 | 3,000 | 6 | 1.00 |" in section
-    assert "| CPU | 2 | stacked | True | 6 | 100 | 1,500 | 1,000 | 2,000 | 6 | 0.30 |" in section
+    assert "every row: device CPU, engine stacked, 6 members, batch 100." in section
+    assert "| processes | sync BN | member-samples/s | min | max | runs | scaling efficiency |" in section
+    assert "| 1 | off | 2,500 | 2,000 | 3,000 | 6 | 1.00 |" in section
+    assert "| 2 | on | 1,500 | 1,000 | 2,000 | 6 | 0.30 |" in section
     assert (tmp_path / "report" / "sync_bn.png").exists() and (tmp_path / "report" / "throughput.svg").exists()
 
 
@@ -253,9 +305,10 @@ def test_throughput_per_layout_and_rows_from_before_seed_groups(tmp_path):
     _write(tmp_path, rows)
     build_report(tmp_path)
     section = (tmp_path / "report" / "report.md").read_text().split("## Throughput and scaling")[1].split("##")[0]
-    assert "| CPU | 1 | 1 | stacked | False | 6 | 100 | 2,000 | 2,000 | 2,000 | 1 | 1.00 |" in section
-    assert "| CPU | 2 | 1 | stacked | False | 6 | 100 | 3,800 | 3,800 | 3,800 | 1 | 0.95 |" in section
-    assert "| CPU | 2 | 2 | stacked | False | 6 | 100 | 1,000 | 1,000 | 1,000 | 2 | 0.25 |" in section  # "old" joined "ddp"
+    assert "| processes | dp | member-samples/s | min | max | runs | scaling efficiency |" in section
+    assert "| 1 | 1 | 2,000 | 2,000 | 2,000 | 1 | 1.00 |" in section
+    assert "| 2 | 1 | 3,800 | 3,800 | 3,800 | 1 | 0.95 |" in section
+    assert "| 2 | 2 | 1,000 | 1,000 | 1,000 | 2 | 0.25 |" in section  # "old" joined "ddp"
 
 
 def test_target_option(tmp_path):
@@ -266,7 +319,7 @@ def test_target_option(tmp_path):
     build_report(tmp_path, target=0.95)
     md = (tmp_path / "report" / "report.md").read_text()
     # no-BN: 0.94-0.948 at epoch 1, 0.96-0.968 at epoch 2; 1.5 s of training per epoch.
-    assert "## Time to 95.00% test accuracy" in md and "| nobn | 95.00% | 3/3 | 2 | 3.0 | 2 |" in md
+    assert "## Time to 95.00% test accuracy" in md and "| without BN | 3/3 | 2 | 3.0 | 2 |" in md
     from bnbench.config import ConfigError
 
     with pytest.raises(ConfigError, match="must be a test accuracy in"):
@@ -328,7 +381,7 @@ def test_two_varying_settings_one_figure_each_the_other_as_columns(tmp_path):
         assert f"- {facet}with BN within 1 pp of its best" in md, facet
     table = pd.read_csv(rep / "sensitivity.csv")
     assert len(table) == 8 and set(table["facet"]) == {"optimizer=adam", "optimizer=sgd", "lr=0.001", "lr=0.01"}
-    loaded, console = _open_in_chromium(rep / "report.html")  # the new figures load in a browser too
+    loaded, console, *_ = _open_in_chromium(rep / "report.html")  # the new figures load in a browser too
     assert console == [] and loaded.split("/")[0] == loaded.split("/")[1], loaded
 
 
@@ -365,3 +418,87 @@ def test_settings_that_vary_together_are_one_axis(tmp_path):
     rep = tmp_path / "report"
     assert [p.name for p in rep.glob("sensitivity_*.png")] == ["sensitivity_batch_size.png"]
     assert "- batch_size: with BN within 1 pp of its best" in (rep / "report.md").read_text()
+
+
+def _glance_rows() -> list[dict]:
+    """6 configurations (optimizer x lr; sgd with a wider net, on 2 processes), 2 epochs, 3 seeds, a long device
+    name; one configuration's runs stopped at epoch 1 of 2 (its table rows say so)."""
+    rows = []
+    for opt, hidden, world in (("adam", "32,32", 1), ("sgd", "256,256,256,256", 2)):
+        for lr in (1e-3, 1e-2, 1e-1):
+            for r in _rows():
+                if opt == "sgd" and lr == 1e-1 and r["epoch"] == 2:
+                    continue
+                rows.append({**r, "run_id": f"{opt}{lr}", "optimizer": opt, "lr": lr, "hidden": hidden, "world_size": world,
+                             "dp": world, "device_name": "AMD EPYC 7B13 64-Core Processor (a long name)", "members": 6,
+                             "samples_per_s": 1000.0 * world + r["epoch"]})
+    return rows
+
+
+@pytest.mark.needs_chromium
+def test_a_report_of_many_configurations_reads_at_1280_px(tmp_path):
+    """Issue 31: no horizontal scroll at 1280 px; each configuration named once (a key table; C1, C2, ... in the
+    other tables, plain column names); learning curves across the page's width with one legend."""
+    from bnbench.reporting.report import figures
+
+    _write(tmp_path, _glance_rows())
+    page = build_report(tmp_path)
+    opened = _open_in_chromium(page)
+    assert opened.console == [] and opened.loaded.split("/")[0] == opened.loaded.split("/")[1], opened
+    assert opened.window_width == WIDTH and opened.scroll_width <= WIDTH and opened.widest <= WIDTH, opened
+    md = (tmp_path / "report" / "report.md").read_text()
+    key = md.split("## Configurations")[1].split("##")[0]
+    assert "6 configurations, named C1 to C6" in key and "| config | hidden | optimizer | lr | dp | processes |" in key
+    assert "| C1 | 256,256,256,256 | sgd | 0.001 | 2 | 2 |" in key and "| C6 | 32,32 | adam | 0.1 | 1 | 1 |" in key
+    for section in ("## Final test accuracy", "## Paired difference", "## Time to"):
+        rows = [line for line in md.split(section)[1].split("##")[0].splitlines() if line.startswith("| C")]
+        assert rows and all("=" not in line and "hidden" not in line for line in rows), section
+    assert "| C3 | with BN |" in md and "| 1 of 2 (incomplete) |" in md
+    for name in ("variant", "mean ± std", "seeds", "BN - no-BN (pp)", "median epochs", "member-samples/s"):
+        assert f"| {name} |" in md, name
+    lines = md.splitlines()
+    headers = [line for line, below in zip(lines, lines[1:]) if below.startswith("|---")]
+    for raw in ("difference_pp", "median_epochs", "samples_per_s", "max_epochs_run", "world_size", "ci95", "bn |"):
+        assert not any(raw in h for h in headers), (raw, headers)
+    figs = figures(tmp_path)
+    curves = figs["learning_curves"]
+    assert len(curves.legends) == 1 and all(ax.get_legend() is None for ax in curves.axes)  # the legend once
+    grid = {(round(ax.get_position().x0, 2), round(ax.get_position().y0, 2)) for ax in curves.axes}
+    assert len({x for x, _ in grid}) == 4 and len({y for _, y in grid}) == 6  # metrics across, configurations down
+    assert "throughput" in figs  # 1 and 2 processes: two points along its axis
+
+
+def test_one_layout_one_epoch_no_figure_of_a_single_point(tmp_path):
+    """Throughput of one layout is a sentence with its range; one epoch draws no learning curves."""
+    rows = [{**r, "samples_per_s": 900.0 + 100 * r["epoch"] + r["seed"], "device_name": "CPU", "members": 6}
+            for r in _rows()]
+    _write(tmp_path / "two", rows)
+    build_report(tmp_path / "two")
+    md = (tmp_path / "two" / "report" / "report.md").read_text()
+    section = md.split("## Throughput and scaling")[1].split("##")[0]
+    # epoch 2 (after the warm-up epoch): 1,100 + seed 0..2 for every member
+    assert section.strip().startswith("One layout: 1,101 member-samples/s (median over epoch 2; range 1,100 to 1,102) "
+                                      "with device CPU, 1 process, engine stacked, sync BN off, 6 members, batch 100.")
+    assert "|" not in section and not (tmp_path / "two" / "report" / "throughput.png").exists()
+    _write(tmp_path / "one", [r for r in rows if r["epoch"] == 1])
+    build_report(tmp_path / "one")
+    md = (tmp_path / "one" / "report" / "report.md").read_text()
+    assert "One evaluation per member: no curve to draw" in md
+    assert sorted(p.name for p in (tmp_path / "one" / "report").glob("*.png")) == ["final_accuracy.png"]
+
+
+@pytest.mark.needs_chromium
+def test_the_committed_lab_report_reads_at_1280_px(tmp_path):
+    """reports/lab/report at 1280 px: every figure loads, nothing scrolls sideways; its screenshot is 1280 px wide.
+    BNBENCH_UPDATE_SCREENSHOT=1 takes the screenshot again (after `bnbench report reports/lab`)."""
+    committed = REPO / "reports" / "lab" / "report"
+    page = tmp_path / "report.html"
+    page.write_text((committed / "report.html").read_text())  # the probe is written beside the page: not in the repo
+    opened = _open_in_chromium(page)
+    assert opened.console == [] and opened.loaded == "3/3", opened  # final accuracy, learning curves, time to target
+    assert opened.window_width == WIDTH and opened.scroll_width <= WIDTH and opened.widest <= WIDTH, opened
+    shot = committed / "screenshot-1280.png"
+    if os.environ.get("BNBENCH_UPDATE_SCREENSHOT"):
+        screenshot(page, shot)
+    assert png_size(shot) == (WIDTH, GLANCE)
+    assert "![the lab's report in Chromium at 1280 px](reports/lab/report/screenshot-1280.png)" in (REPO / "README.md").read_text()

@@ -13,15 +13,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .figures import LABELS, PALETTE, curve_bands, save_figure
+from .figures import LABELS, PALETTE, curve_bands, keep, new_figure
 from ..store.results import read_instruments
 
 
-def inside_section(out_dir: Path, df: pd.DataFrame, rep: Path, target: float):
-    """(figures, paragraphs, problems) for every configuration with instrument rows; empty without."""
+def inside_section(out_dir: Path, df: pd.DataFrame, target: float):
+    """(figures, paragraphs, problems, the numbers as a table) for every configuration with instrument rows;
+    empty without. Figures: figures.Drawn, to be drawn inside figures.style()."""
     inst, problems = read_instruments(out_dir)
     if inst.empty:
-        return [], [], problems
+        return [], [], problems, pd.DataFrame()
     labels = df[["run_id", "config"]].drop_duplicates()
     orphans = sorted(set(inst["run_id"]) - set(labels["run_id"]))
     if orphans:  # measures of a run with no results rows (killed before its first window was written)
@@ -32,14 +33,13 @@ def inside_section(out_dir: Path, df: pd.DataFrame, rep: Path, target: float):
     configs = by_config(inst, df)
     for i, (cfg, g, runs, acc) in enumerate(configs, start=1):
         stem = f"inside{i}" if len(configs) > 1 else "inside"
-        _figure1(g, acc, cfg, rep, stem, figs)
-        _heatmap(g, cfg, rep, stem, figs)
-        _ics(g, cfg, rep, stem, figs)
+        _figure1(g, acc, cfg, stem, figs)
+        _heatmap(g, cfg, stem, figs)
+        _ics(g, cfg, stem, figs)
         n = numbers(g, runs, acc, target)
         summary += [{"config": cfg, "variant": v, **vals} for v, vals in n.items()]
         text.append(paragraph(cfg, n, target))
-    pd.DataFrame(summary).to_csv(rep / "instruments_summary.csv", index=False)
-    return figs, text, problems
+    return figs, text, problems, pd.DataFrame(summary)
 
 
 def by_config(inst: pd.DataFrame, df: pd.DataFrame) -> list[tuple]:
@@ -160,10 +160,8 @@ def paragraph(cfg: str, n: dict[str, dict], target: float) -> str:
 
 
 # -- figures -------------------------------------------------------------------------------------
-def _figure1(g, bands, cfg, rep, stem, figs):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+def _figure1(g, bands, cfg, stem, figs):
+    fig, axes = new_figure(1, 3, figsize=(14, 3.8))
     if len(bands):
         for v in ("nobn", "bn"):
             b = bands[bands["variant"] == v]
@@ -194,13 +192,11 @@ def _figure1(g, bands, cfg, rep, stem, figs):
             a.set_ylim(lo, hi)  # one scale: the drift is compared by eye
     fig.suptitle(f"Ioffe & Szegedy (2015), Figure 1, reproduced: {cfg}", x=0.01, ha="left", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, rep, f"{stem}_figure1", "Figure 1 reproduced: (a) test accuracy against steps; (b, c) 15/50/85th "
+    keep(fig, f"{stem}_figure1", "Figure 1 reproduced: (a) test accuracy against steps; (b, c) 15/50/85th "
           "percentiles of the input to a sigmoid of the last hidden layer on a fixed probe batch", figs)
 
 
-def _heatmap(g, cfg, rep, stem, figs):
-    import matplotlib.pyplot as plt
-
+def _heatmap(g, cfg, stem, figs):
     gn = g[(g["measure"] == "grad_norm") & (g["value"] > 0)]
     if gn.empty:
         return
@@ -208,7 +204,7 @@ def _heatmap(g, cfg, rep, stem, figs):
     logs = gn.assign(log=np.log10(gn["value"])).pivot_table(index=["variant", "layer"], columns="step", values="log")
     lo, hi = np.nanmin(logs.to_numpy()), np.nanmax(logs.to_numpy())
     variants = [v for v in ("nobn", "bn") if v in logs.index.get_level_values(0)]
-    fig, axes = plt.subplots(1, len(variants), figsize=(6.2 * len(variants), 3.6), squeeze=False, sharey=True)
+    fig, axes = new_figure(1, len(variants), figsize=(6.2 * len(variants), 3.6), squeeze=False, sharey=True)
     for ax, v in zip(axes[0], variants):
         m = logs.loc[v]
         steps = m.columns.to_numpy()
@@ -220,17 +216,15 @@ def _heatmap(g, cfg, rep, stem, figs):
         ax.grid(False)
     fig.colorbar(im, ax=axes[0].tolist(), label="log10 ||dL/dW|| (geometric mean over seeds)")
     fig.suptitle(f"Gradient norm per layer over training: {cfg}", x=0.01, ha="left", fontsize=10)
-    save_figure(fig, rep, f"{stem}_grad_heatmap", "gradient norm of each Linear layer's weight over training, "
+    keep(fig, f"{stem}_grad_heatmap", "gradient norm of each Linear layer's weight over training, "
           "layer x step, without and with BN (one colour scale)", figs)
 
 
-def _ics(g, cfg, rep, stem, figs):
-    import matplotlib.pyplot as plt
-
+def _ics(g, cfg, stem, figs):
     ics = g[g["measure"].isin(["ics_distance", "ics_cosine", "grad_change"])]
     if ics.empty:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = new_figure(1, 3, figsize=(14, 3.6))
     for v in ("nobn", "bn"):
         mine = ics[ics["variant"] == v]
         for ax, measure in ((axes[0], "ics_distance"), (axes[1], "ics_cosine")):
@@ -254,5 +248,5 @@ def _ics(g, cfg, rep, stem, figs):
         ax.legend(frameon=False, fontsize=8)
     fig.suptitle(f"Santurkar et al. (2018) measures, median and range over layers and seeds: {cfg}", x=0.01, ha="left", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, rep, f"{stem}_ics", "internal covariate shift (Santurkar et al.'s definition) and gradient "
+    keep(fig, f"{stem}_ics", "internal covariate shift (Santurkar et al.'s definition) and gradient "
           "predictiveness, without and with BN", figs)

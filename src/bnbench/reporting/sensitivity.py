@@ -9,12 +9,11 @@ stays within 1 pp of its own best mean (Ioffe & Szegedy 2015 3.3; Bjorck et al. 
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .figures import LABELS, PALETTE, save_figure
+from .figures import LABELS, PALETTE, keep, new_figure
 from .stats import MIN_PAIRS, mean_ci95
 
 WITHIN = 0.01  # "trains well": within 1 pp of the variant's own best mean
@@ -114,8 +113,9 @@ def axes(final: pd.DataFrame, keys: list[str]) -> list[tuple[str, pd.DataFrame, 
     return out
 
 
-def sensitivity_section(final: pd.DataFrame, keys: list[str], rep: Path):
-    """(figures, sentences, table) for every varying setting of the folder's final rows."""
+def sensitivity_section(final: pd.DataFrame, keys: list[str]):
+    """(figures, sentences, table) for every varying setting of the folder's final rows (figures: figures.Drawn,
+    to be drawn inside figures.style())."""
     if not varying(final, keys):
         return [], ["Nothing varies between the runs of this folder (one configuration): no setting to plot "
                     "against. A sweep over lr, batch_size, hidden, ... gives one figure per setting here."], pd.DataFrame()
@@ -125,17 +125,15 @@ def sensitivity_section(final: pd.DataFrame, keys: list[str], rep: Path):
             rows, sentence = summarise(shown, key, facet)
             table += rows
             text.append(sentence)
-        _figure(shown, key, facets, rep, figs)
+        _figure(shown, key, facets, figs)
     return figs, text, pd.DataFrame(table)
 
 
-def _figure(final: pd.DataFrame, key: str, facets: list[str], rep: Path, figs: list) -> None:
-    import matplotlib.pyplot as plt
-
+def _figure(final: pd.DataFrame, key: str, facets: list[str], figs: list) -> None:
     numeric = _numeric(final[key])
     values = sorted(final[key].unique(), key=lambda v: (isinstance(v, str), v))
     xpos = (lambda v: v) if numeric else (lambda v: values.index(v))
-    fig, axes = plt.subplots(2, len(facets), figsize=(1.0 + 4.2 * len(facets), 6.4), squeeze=False, sharex="col")
+    fig, axes = new_figure(2, len(facets), figsize=(1.0 + 4.2 * len(facets), 6.4), squeeze=False, sharex="col")
     for j, facet in enumerate(facets):
         g = final[(final["facet"] == facet) & ~final["diverged"]]
         top, bottom = axes[0, j], axes[1, j]
@@ -176,8 +174,7 @@ def _figure(final: pd.DataFrame, key: str, facets: list[str], rep: Path, figs: l
              f"seeds: no interval)")
     fig.suptitle(textwrap.fill(title, int(11 * (1.0 + 4.2 * len(facets)))), x=0.02, ha="left", fontsize=12)
     fig.tight_layout(rect=(0, 0.08 if len(facets) > 1 else 0.11, 1, 0.92))
-    save_figure(fig, rep, f"sensitivity_{key}", f"final test accuracy and the paired BN - no-BN difference against {key}",
-                figs)
+    keep(fig, f"sensitivity_{key}", f"final test accuracy and the paired BN - no-BN difference against {key}", figs)
 
 
 def _mean_ci(values: pd.Series) -> tuple[float, float, float]:
