@@ -392,8 +392,9 @@ def tables(rows_or_path, *, target: float | None = None) -> dict:
 
 
 @_one_line
-def report(path, *, target: float | None = None) -> Path:
+def report(path, *, target: float | None = None, baseline: str | None = None) -> Path:
     """Build the report of a results folder as `bnbench report` does; return the path of report.html.
+    baseline: the variant every other is compared with (default nobn where present, else the first).
 
     >>> import bnbench
     >>> bnbench.report("/nonexistent")
@@ -402,4 +403,4 @@ def report(path, *, target: float | None = None) -> Path:
     """
     from .reporting.report import build_report
 
-    return build_report(path, target=_target(target))
+    return build_report(path, target=_target(target), baseline=baseline)

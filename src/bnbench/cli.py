@@ -31,6 +31,7 @@ from .config import (
     parse_int_list,
     parse_list,
     parse_seeds,
+    VARIANTS,
     settings,
 )
 from . import versions
@@ -187,8 +188,11 @@ def build_parser(config_cls=Config) -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=("csv", "parquet"), default="csv", help="default csv")
     ex.add_argument("--out", help="file to write (default DIR/results.csv or DIR/results.parquet)")
 
-    rep = sub.add_parser("report", help="figures, tables and the BN - no-BN verdict from DIR/results.jsonl")
+    rep = sub.add_parser("report", help="figures, tables and the verdicts (each variant against a baseline, paired by seed) from DIR/results.jsonl")
     rep.add_argument("dir", help="results folder (one run, a sweep, several devices)")
+    rep.add_argument("--baseline", choices=VARIANTS, default=None, metavar="VARIANT",
+                     help="the variant every other is compared with, paired by seed (default: nobn where present, "
+                          "else the first)")
     rep.add_argument("--target", type=_positive_float, default=None, metavar="ACC",
                      help="test accuracy for time-to-target (default 0.97)")
 
@@ -301,7 +305,7 @@ def cmd_export(a) -> int:
 def cmd_report(a) -> int:
     from .reporting.report import DEFAULT_TARGET, build_report
 
-    path = build_report(a.dir, target=getattr(a, "target", None) or DEFAULT_TARGET)
+    path = build_report(a.dir, target=getattr(a, "target", None) or DEFAULT_TARGET, baseline=getattr(a, "baseline", None))
     print(f"report: {path}")
     return 0
 

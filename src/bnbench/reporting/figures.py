@@ -15,8 +15,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-PALETTE = {"bn": "#1f77b4", "nobn": "#d62728"}  # one colour per variant, in every figure
-LABELS = {"bn": "with BN", "nobn": "without BN"}
+# One colour, label and short name per variant, in every figure and table (the lab's two as always).
+PALETTE = {"bn": "#1f77b4", "nobn": "#d62728", "ln": "#2ca02c", "gn": "#9467bd", "rms": "#ff7f0e", "brn": "#8c564b"}
+LABELS = {"bn": "with BN", "nobn": "without BN", "ln": "LayerNorm", "gn": "GroupNorm", "rms": "RMSNorm",
+          "brn": "Batch Renorm"}
+SHORT = {"bn": "BN", "nobn": "no-BN", "ln": "LN", "gn": "GN", "rms": "RMS", "brn": "BRN"}
 DPI = 110
 
 

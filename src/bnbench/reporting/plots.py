@@ -27,8 +27,9 @@ def main_figures(acc, headline, ttt, throughput, target: float, names: dict) -> 
     import matplotlib.ticker
     import seaborn as sns
 
-    palette = {LABELS[k]: c for k, c in PALETTE.items()}
-    order = [LABELS[k] for k in PALETTE]
+    present = set(acc["variant"])  # the variants these rows hold, in the palette's order
+    palette = {LABELS[k]: c for k, c in PALETTE.items() if k in present}
+    order = [LABELS[k] for k in PALETTE if k in present]
     figs: list = []
     configs = sorted(acc["config"].unique(), key=lambda c: list(names).index(c) if c in names else len(names))
     live = acc[~acc["diverged"]].assign(variant=lambda d: d["variant"].map(lambda v: LABELS.get(v, v)))

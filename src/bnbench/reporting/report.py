@@ -1,6 +1,7 @@
 """Report: any results folder -> DIR/report/{report.html, report.md, *.png, *.svg, summary.csv}.
 
-Reads top-down, from the verdict to the detail: the paired BN - no-BN difference per configuration,
+Reads top-down, from the verdict to the detail: each variant's paired difference to the baseline (the lab's:
+BN - no-BN) per configuration, with Holm's adjustment where several comparisons are shown together,
 the configurations (named once, C1, C2, ... in the tables after), final accuracy, learning curves, time
 to a target accuracy, throughput and scaling, synchronised BN, then what is missing, failed or diverged,
 and the environment. Works on partial data (a sweep still running, one seed, a diverged member) and says
@@ -19,7 +20,7 @@ from ..config import ConfigError
 from ..store.folder import META_FILE
 from ..store.record import live_status
 from ..store.results import ResultsProblem, read_events, read_results, refuse_own_file
-from .figures import save_figures, style
+from .figures import SHORT, save_figures, style
 from .html import write_html, write_md
 from .instruments import inside_section
 from .plots import CURVES, curve_drawing, main_figures
@@ -27,14 +28,15 @@ from .select import (CONFIG_KEYS, MEMBER, accuracy_rows, config_ids, config_keys
                      headline_rows, member_table, prepare)
 from .sensitivity import sensitivity_section
 from .stats import mean_ci95, time_to_target
-from .tables import (environment, final_table, key_table, no_pairs, paired_differences, shown_final, shown_pairs,
-                     shown_targets, shown_throughput, target_table, throughput_table, verdicts)
+from .tables import (all_verdicts, baseline_of, comparisons, environment, final_table, key_table, long_pairs, no_pairs,  # noqa: F401
+                     paired_differences, shown_final, shown_pairs, shown_targets, shown_throughput, target_table,  # noqa: F401
+                     throughput_table, verdicts)
 
 CHANCE = 2 / 10  # "no better than chance": at most twice the 10% of guessing one of MNIST's 10 classes
 DEFAULT_TARGET = 0.97  # test accuracy for time-to-target (MLPerf / DAWNBench style)
 KEPT = "screenshot-*.png"  # in the report folder, kept when it is rebuilt: a browser's picture of the page
 
-__all__ = ["build_report", "figures", "tables", "verdict", "read_folder", "analyse", "mean_ci95", "final_rows", "accuracy_rows",
+__all__ = ["build_report", "paired_differences", "figures", "tables", "verdict", "read_folder", "analyse", "mean_ci95", "final_rows", "accuracy_rows",
            "member_table", "config_label", "config_keys", "CONFIG_KEYS", "CURVES", "curve_drawing", "DEFAULT_TARGET"]
 
 
@@ -65,6 +67,7 @@ class Analysis:
     target: float
     problems: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    baseline: str | None = None  # the variant the others are compared with (default nobn, else the first)
 
     def __post_init__(self):
         self.members = member_table(self.df)
@@ -72,14 +75,22 @@ class Analysis:
         self.final = final_rows(self.acc)
         self.headline = headline_rows(self.acc)
         self.table = final_table(self.final)
-        self.pairs = paired_differences(self.final, self.acc)
+        self.baseline = baseline_of(set(self.final["variant"]), self.baseline)
+        self.compared = comparisons(self.final, self.acc, self.baseline)
+        # Only the lab's variants, compared as the lab compares them: the report reads as it always did.
+        variants = set(self.final["variant"])
+        self.lab = variants <= {"bn", "nobn"} and (self.baseline == "nobn" or "nobn" not in variants)
+        self.pairs = paired_differences(self.final, self.acc) if self.lab else long_pairs(self.compared, self.baseline)
         self.ids = config_ids(self.df)
         several = len(self.ids) > 1
         self.names = {c: f"{i}: {c}" if several else c for i, c in zip(self.ids["id"], self.ids["config"])}
         order = {c: k for k, c in enumerate(self.ids["config"])}
         said = {c: f"{i} ({c})" if several else c for i, c in zip(self.ids["id"], self.ids["config"])}
-        self.verdict = (verdicts(self.pairs, said) if len(self.pairs)
-                        else pd.DataFrame(columns=["config", "epoch", "complete", "verdict"]))
+        if self.lab:
+            self.verdict = (verdicts(self.pairs, said) if len(self.pairs)
+                            else pd.DataFrame(columns=["config", "epoch", "complete", "verdict"]))
+        else:
+            self.verdict = all_verdicts(self.compared, self.baseline, said)
         by_id = self.verdict.assign(_o=self.verdict["config"].map(order)).sort_values("_o", kind="stable")
         self.verdict_lines = list(by_id["verdict"]) or [no_pairs(self.final)]
         ttt = time_to_target(self.acc, self.target) if "train_seconds" in self.acc else pd.DataFrame()
@@ -88,8 +99,9 @@ class Analysis:
         self.throughput = throughput_table(self.df) if "samples_per_s" in self.df else pd.DataFrame()
 
 
-def analyse(df: pd.DataFrame, problems=(), meta=None, target: float = DEFAULT_TARGET) -> Analysis:
-    return Analysis(df, target, list(problems), meta or {})
+def analyse(df: pd.DataFrame, problems=(), meta=None, target: float = DEFAULT_TARGET,
+            baseline: str | None = None) -> Analysis:
+    return Analysis(df, target, list(problems), meta or {}, baseline)
 
 
 @dataclass
@@ -110,7 +122,7 @@ def draw(a: Analysis, out_dir: Path | None) -> Drawing:
     """Every figure of the report, inside figures.style(); the inside-the-network section needs the folder."""
     with style():
         main = main_figures(a.acc, a.headline, a.ttt, a.throughput, a.target, a.names)
-        sens = sensitivity_section(a.headline, CONFIG_KEYS)
+        sens = sensitivity_section(a.headline, CONFIG_KEYS, a.baseline)
         inside = inside_section(out_dir, a.df, a.target) if out_dir is not None else ([], [], [], pd.DataFrame())
     return Drawing(main, *sens, *inside)
 
@@ -209,7 +221,7 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
 
-def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
+def build_report(out_dir, target: float = DEFAULT_TARGET, baseline: str | None = None) -> Path:
     out_dir = Path(out_dir)
     if not 0 < target <= 1:
         raise ConfigError(f"--target must be a test accuracy in (0, 1], got {target}")
@@ -222,7 +234,7 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
         if old not in kept:
             old.unlink()  # the folder is the report's: nothing of an older one lingers
 
-    a = analyse(df, problems, meta, target)
+    a = analyse(df, problems, meta, target, baseline)
     d = draw(a, out_dir)
     with style():
         main = dict(zip([x.stem for x in d.main], save_figures(d.main, rep)))
@@ -235,8 +247,9 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
 
     table, targets, verdict = a.table, a.targets, a.verdict
     summary = table.merge(targets.drop(columns=["max_epochs_run"]), on=["config", "variant"], how="left") if len(targets) else table
-    summary = summary.merge(verdict.drop(columns=["verdict", "complete"]).rename(columns={"n": "pairs"}),
-                            on=["config", "epoch"], how="left") if len(verdict) else summary
+    by = ["config", "epoch", "variant"] if "variant" in verdict else ["config", "epoch"]
+    summary = summary.merge(verdict.drop(columns=["verdict", "complete", "baseline"], errors="ignore")
+                            .rename(columns={"n": "pairs"}), on=by, how="left") if len(verdict) else summary
     summary.to_csv(rep / "summary.csv", index=False)
     table.to_csv(rep / "final_accuracy.csv", index=False)
     a.pairs.to_csv(rep / "paired_difference.csv", index=False)
@@ -256,12 +269,14 @@ def build_report(out_dir, target: float = DEFAULT_TARGET) -> Path:
         ("Verdict", [("list", a.verdict_lines)]),
         ("Configurations" if len(a.ids) > 1 else "Configuration", [("text", key_text), ("table", table_of("configurations"))]),
         ("Final test accuracy per variant", [("table", table_of("final_accuracy")), ("figures", pick("final_accuracy"))]),
-        ("Paired difference per seed (BN - no-BN)", [("table", table_of("paired_difference"))]),
+        (("Paired difference per seed (BN - no-BN)" if a.lab else
+          f"Paired difference per seed (each variant minus {SHORT.get(a.baseline, a.baseline)})"),
+         [("table", table_of("paired_difference"))]),
         ("Learning curves", [("text", curves_note), ("figures", pick("learning_curves"))]),
         (f"Time to {target:.2%} test accuracy", [("table", table_of("time_to_target")), ("figures", pick("time_to_target"))]),
         ("Throughput and scaling", [("text", throughput_text), ("table", table_of("throughput")), ("figures", pick("throughput"))]),
         ("Synchronised BN", [("text", sync_note), ("figures", pick("sync_bn"))]),
-        ("Sensitivity: BN and no-BN across each setting that varies", [("list", d.sensitivity_text), ("figures", sens_figs)]),
+        ("Sensitivity: BN and no-BN across each setting that varies" if a.lab else "Sensitivity: each variant across each setting that varies", [("list", d.sensitivity_text), ("figures", sens_figs)]),
         ("Inside the network: Ioffe & Szegedy's Figure 1, gradients, internal covariate shift",
          [("list", d.inside_text), ("figures", inside_figs)]),
         ("Missing, failed, diverged, problems", [("list", notes or ["none"])]),

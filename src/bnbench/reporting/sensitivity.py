@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from .figures import LABELS, PALETTE, keep, new_figure
+from .figures import LABELS, PALETTE, SHORT, keep, new_figure
 from .stats import MIN_PAIRS, mean_ci95
 
 WITHIN = 0.01  # "trains well": within 1 pp of the variant's own best mean
@@ -56,7 +56,7 @@ def summarise(final: pd.DataFrame, key: str, facet: str) -> tuple[list[dict], st
     rows, parts = [], []
     g = final[final["facet"] == facet]
     values = sorted(g[key].unique(), key=lambda v: (isinstance(v, str), v))
-    for variant in ("bn", "nobn"):
+    for variant in [v for v in PALETTE if (g["variant"] == v).any()]:
         mine = g[g["variant"] == variant]
         if mine.empty:
             continue
@@ -113,9 +113,9 @@ def axes(final: pd.DataFrame, keys: list[str]) -> list[tuple[str, pd.DataFrame, 
     return out
 
 
-def sensitivity_section(final: pd.DataFrame, keys: list[str]):
+def sensitivity_section(final: pd.DataFrame, keys: list[str], baseline: str = "nobn"):
     """(figures, sentences, table) for every varying setting of the folder's final rows (figures: figures.Drawn,
-    to be drawn inside figures.style())."""
+    to be drawn inside figures.style()); each variant's paired difference to `baseline` below."""
     if not varying(final, keys):
         return [], ["Nothing varies between the runs of this folder (one configuration): no setting to plot "
                     "against. A sweep over lr, batch_size, hidden, ... gives one figure per setting here."], pd.DataFrame()
@@ -125,11 +125,11 @@ def sensitivity_section(final: pd.DataFrame, keys: list[str]):
             rows, sentence = summarise(shown, key, facet)
             table += rows
             text.append(sentence)
-        _figure(shown, key, facets, figs)
+        _figure(shown, key, facets, figs, baseline)
     return figs, text, pd.DataFrame(table)
 
 
-def _figure(final: pd.DataFrame, key: str, facets: list[str], figs: list) -> None:
+def _figure(final: pd.DataFrame, key: str, facets: list[str], figs: list, baseline: str = "nobn") -> None:
     numeric = _numeric(final[key])
     values = sorted(final[key].unique(), key=lambda v: (isinstance(v, str), v))
     xpos = (lambda v: v) if numeric else (lambda v: values.index(v))
@@ -137,11 +137,11 @@ def _figure(final: pd.DataFrame, key: str, facets: list[str], figs: list) -> Non
     for j, facet in enumerate(facets):
         g = final[(final["facet"] == facet) & ~final["diverged"]]
         top, bottom = axes[0, j], axes[1, j]
-        for k, (variant, colour) in enumerate(PALETTE.items()):
+        present = [v for v in PALETTE if (g["variant"] == v).any()]
+        for k, variant in enumerate(present):
+            colour = PALETTE[variant]
             mine = g[g["variant"] == variant]
-            if mine.empty:
-                continue
-            shift = (k - 0.5) * (0.06 if numeric else 0.12)
+            shift = (k - (len(present) - 1) / 2) * (0.06 if numeric else 0.12) / max(1, len(present) - 1)
             xs = [xpos(v) * (1 + shift) if numeric and key in LOG_AXIS else xpos(v) + shift for v in mine[key]]
             top.scatter(xs, mine["test_acc"], s=12, color=colour, alpha=0.45, lw=0)
             stats = [(v, *_mean_ci(mine.loc[mine[key] == v, "test_acc"])) for v in values if (mine[key] == v).any()]
@@ -150,17 +150,21 @@ def _figure(final: pd.DataFrame, key: str, facets: list[str], figs: list) -> Non
             lo, hi = np.clip([s[2] for s in stats], 0, 1), np.clip([s[3] for s in stats], 0, 1)
             top.errorbar(x, m, yerr=_err(m, lo, hi), color=colour, marker="o", ms=5, capsize=3, label=LABELS[variant])
         pairs = g.pivot_table(index=[key, "seed"], columns="variant", values="test_acc", aggfunc="first")
-        if {"bn", "nobn"} <= set(pairs.columns):
-            d = (pairs["bn"] - pairs["nobn"]).dropna().mul(100).reset_index(name="d")
-            bottom.scatter([xpos(v) for v in d[key]], d["d"], s=12, color="#555555", alpha=0.45, lw=0)
+        lab = set(present) == {"bn", "nobn"} and baseline == "nobn"  # the lab's panel, as it always was
+        for variant in [v for v in present if v != baseline and baseline in pairs.columns]:
+            d = (pairs[variant] - pairs[baseline]).dropna().mul(100).reset_index(name="d")
+            colour = "black" if lab else PALETTE[variant]
+            bottom.scatter([xpos(v) for v in d[key]], d["d"], s=12, color="#555555" if lab else colour, alpha=0.45, lw=0)
             stats = [(v, *_mean_ci(d.loc[d[key] == v, "d"])) for v in values if (d[key] == v).any()]
             x, m = [xpos(v) for v, *_ in stats], np.array([s[1] for s in stats])
+            label = ("BN - no-BN, mean and 95% CI" if lab
+                     else f"{SHORT[variant]} - {SHORT[baseline]}, mean and 95% CI")
             bottom.errorbar(x, m, yerr=_err(m, [s[2] for s in stats], [s[3] for s in stats]),
-                            color="black", marker="o", ms=5, capsize=3, label="BN - no-BN, mean and 95% CI")
+                            color=colour, marker="o", ms=5, capsize=3, label=label)
         bottom.axhline(0, color="grey", lw=0.8)
         top.set_title(facet or f"final test accuracy against {key}", fontsize=12)
         top.set_ylabel("final test accuracy" if j == 0 else "")
-        bottom.set_ylabel("BN - no-BN (pp)" if j == 0 else "")
+        bottom.set_ylabel(("BN - no-BN (pp)" if lab else f"minus {SHORT[baseline]} (pp)") if j == 0 else "")
         bottom.set_xlabel(key)
         if numeric and key in LOG_AXIS:
             bottom.set_xscale("log")

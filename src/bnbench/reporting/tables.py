@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from ..store.record import live_status
-from .figures import LABELS
-from .stats import MIN_PAIRS, describe_p, mean_ci95, paired_test
+from ..config import ConfigError
+from .figures import LABELS, PALETTE, SHORT
+from .stats import MIN_PAIRS, describe_p, holm, mean_ci95, paired_test
 
 
 def final_table(final: pd.DataFrame) -> pd.DataFrame:
@@ -35,55 +36,90 @@ def final_table(final: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-PAIR_COLUMNS = ["config", "seed", "epoch", "complete", "bn", "nobn", "difference"]
+def pair_columns(a: str = "bn", b: str = "nobn") -> list[str]:
+    return ["config", "seed", "epoch", "complete", a, b, "difference"]
 
 
-def paired_differences(final: pd.DataFrame, acc: pd.DataFrame | None = None) -> pd.DataFrame:
-    """BN - no-BN test accuracy per (config, seed): a paired comparison (same init, same batches), at one
+PAIR_COLUMNS = pair_columns()
+
+
+def baseline_of(variants, chosen: str | None = None) -> str:
+    """The variant the others are compared with: the one chosen, else nobn where present, else the first."""
+    variants = [v for v in PALETTE if v in set(variants)] + sorted(set(variants) - set(PALETTE))
+    if chosen is not None:
+        if chosen not in variants:
+            raise ConfigError(f"--baseline {chosen}: no such variant in these rows; they hold {', '.join(variants)}")
+        return chosen
+    return "nobn" if "nobn" in variants else variants[0]
+
+
+def paired_differences(final: pd.DataFrame, acc: pd.DataFrame | None = None, a: str = "bn", b: str = "nobn") -> pd.DataFrame:
+    """a - b test accuracy per (config, seed): a paired comparison (same init, same batches), at one
     epoch for both: the last epoch where both are complete, else the last epoch both reached (from acc,
     every epoch of each member; complete=False). Diverged members there are left out."""
     acc = final if acc is None else acc
+    columns = pair_columns(a, b)
     if "complete" not in final:
         final = final.assign(complete=True)
     ends = final.pivot_table(index=["config", "seed"], columns="variant", values="epoch", aggfunc="max")
-    if not {"bn", "nobn"} <= set(ends.columns):
-        return pd.DataFrame(columns=PAIR_COLUMNS)
-    ends = ends.dropna(subset=["bn", "nobn"])
-    at = ends[["bn", "nobn"]].min(axis=1).rename("_at").reset_index()
-    whole = final.groupby(["config", "seed"])["complete"].all().rename("complete").reset_index()
-    rows = acc.drop(columns=["complete"], errors="ignore").merge(at, on=["config", "seed"])
+    if not {a, b} <= set(ends.columns):
+        return pd.DataFrame(columns=columns)
+    ends = ends.dropna(subset=[a, b])
+    at = ends[[a, b]].min(axis=1).rename("_at").reset_index()
+    pair = final[final["variant"].isin([a, b])]
+    whole = pair.groupby(["config", "seed"])["complete"].all().rename("complete").reset_index()
+    rows = acc[acc["variant"].isin([a, b])].drop(columns=["complete"], errors="ignore").merge(at, on=["config", "seed"])
     rows = rows[(rows["epoch"] == rows["_at"]) & ~rows["diverged"]]
     piv = rows.pivot_table(index=["config", "seed", "epoch"], columns="variant", values="test_acc", aggfunc="first")
-    if not {"bn", "nobn"} <= set(piv.columns):
-        return pd.DataFrame(columns=PAIR_COLUMNS)
-    piv = piv.dropna(subset=["bn", "nobn"]).reset_index().merge(whole, on=["config", "seed"])
-    piv["difference"] = piv["bn"] - piv["nobn"]
-    return piv[PAIR_COLUMNS]
+    if not {a, b} <= set(piv.columns):
+        return pd.DataFrame(columns=columns)
+    piv = piv.dropna(subset=[a, b]).reset_index().merge(whole, on=["config", "seed"])
+    piv["difference"] = piv[a] - piv[b]
+    return piv[columns]
 
 
-def verdicts(pairs: pd.DataFrame, names: dict | None = None) -> pd.DataFrame:
+def comparisons(final: pd.DataFrame, acc: pd.DataFrame, baseline: str) -> list[tuple[str, pd.DataFrame]]:
+    """(variant, its paired differences to the baseline) for every other variant, in palette order."""
+    others = [v for v in PALETTE if v in set(final["variant"]) and v != baseline]
+    others += sorted(set(final["variant"]) - set(PALETTE) - {baseline})
+    return [(v, paired_differences(final, acc, v, baseline)) for v in others]
+
+
+def long_pairs(compared: list[tuple[str, pd.DataFrame]], baseline: str) -> pd.DataFrame:
+    """Every comparison's pairs in one table: variant, baseline, their accuracies and the difference."""
+    parts = [p.rename(columns={v: "variant_acc", baseline: "baseline_acc"}).assign(variant=v, baseline=baseline)
+             for v, p in compared if len(p)]
+    cols = ["config", "variant", "baseline", "seed", "epoch", "complete", "variant_acc", "baseline_acc", "difference"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
+def verdicts(pairs: pd.DataFrame, names: dict | None = None, a: str = "bn", b: str = "nobn",
+             lab: bool | None = None) -> pd.DataFrame:
     """Per config (and, for pairs without a complete run, per epoch they are at): the paired test of
-    BN - no-BN test accuracy, and a sentence that says it, naming the config as names has it (default: its label)."""
+    a - b test accuracy, and a sentence that says it, naming the config as names has it (default: its label)."""
     out = []
     if "complete" not in pairs:
         pairs = pairs.assign(complete=True, epoch=np.nan)
+    lab = (a, b) == ("bn", "nobn") if lab is None else lab  # the lab's sentence, as it always read
+    A, B = SHORT.get(a, a), SHORT.get(b, b)
     for (cfg, complete, epoch), g in pairs.groupby(["config", "complete", "epoch"], sort=False, dropna=False):
-        t = paired_test(g["bn"], g["nobn"])
+        t = paired_test(g[a], g[b])
         d = t["mean_diff"] * 100
         what = "final test accuracy" if complete else f"test accuracy at epoch {epoch:g}"
         name = (names or {}).get(cfg, cfg)
         label = name if complete else f"{name}, incomplete runs (seeds without a complete run of both variants; epoch {epoch:g})"
-        if t["enough"] and (g["bn"] == g["nobn"]).all():
-            text = (f"{label}: BN and no-BN reach the same {what} on each of the {t['n']} paired seeds "
+        if t["enough"] and (g[a] == g[b]).all():
+            text = (f"{label}: {A} and {B} reach the same {what} on each of the {t['n']} paired seeds "
                     f"(every difference is 0): no effect to estimate.")
         elif t["enough"]:
             verb = "raises" if d > 0 else "lowers" if d < 0 else "does not change"
-            text = (f"{label}: BN {verb} {what} by {abs(d):.2f} pp "
+            than = "" if lab else f" against {B}"
+            text = (f"{label}: {A} {verb} {what}{than} by {abs(d):.2f} pp "
                     f"[95% CI {t['ci_low'] * 100:+.2f}, {t['ci_high'] * 100:+.2f}], {describe_p(t['p_t'])} "
                     f"(paired t-test; Wilcoxon {describe_p(t['p_wilcoxon'])}), {t['n']} paired seeds; "
-                    f"BN ahead on {t['ahead']} of {t['n']}.")
+                    f"{A} ahead on {t['ahead']} of {t['n']}.")
         else:
-            text = (f"{label}: BN - no-BN = {d:+.2f} pp over {t['n']} paired seed{'s' if t['n'] != 1 else ''}: too few "
+            text = (f"{label}: {A} - {B} = {d:+.2f} pp over {t['n']} paired seed{'s' if t['n'] != 1 else ''}: too few "
                     f"for an interval or a p-value (at least {MIN_PAIRS} needed; run more seeds).")
         out.append({"config": cfg, "epoch": epoch, "complete": bool(complete),
                     **{k: t[k] for k in ("n", "mean_diff", "ci_low", "ci_high", "p_t", "p_wilcoxon", "ahead")},
@@ -94,12 +130,32 @@ def verdicts(pairs: pd.DataFrame, names: dict | None = None) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def all_verdicts(compared: list[tuple[str, pd.DataFrame]], baseline: str, names: dict | None = None) -> pd.DataFrame:
+    """Every variant's verdict against the baseline, with Holm's adjustment of the t-test p-values over
+    the comparisons shown together (one per variant, configuration and epoch); the sentence gives the
+    adjusted p where there is more than one comparison."""
+    parts = [verdicts(p, names, v, baseline, lab=False).assign(variant=v, baseline=baseline) for v, p in compared if len(p)]
+    if not parts:
+        return pd.DataFrame(columns=["config", "epoch", "complete", "variant", "baseline", "verdict", "p_holm"])
+    table = pd.concat(parts, ignore_index=True)
+    table["p_holm"] = holm(list(table["p_t"].where(table["p_t"].notna(), None)))
+    if len(table) > 1:
+        m = int(table["p_t"].notna().sum())
+        table["verdict"] = [text if p is None or pd.isna(p) else f"{text[:-1]}; Holm-adjusted over {m} comparisons: {describe_p(p)}."
+                            for text, p in zip(table["verdict"], table["p_holm"])]
+    return table
+
+
 def no_pairs(final: pd.DataFrame) -> str:
     """Why there is no verdict: one variant only, or divergence, said as it is."""
     have = sorted(set(final["variant"]))
     if len(have) < 2:
-        return f"Only {'BN' if have == ['bn'] else 'no-BN'} members here: no paired comparison (run both variants)."
-    return "No seed has both a BN and a no-BN member that trained without diverging: no paired comparison."
+        if have in (["bn"], ["nobn"]):
+            return f"Only {'BN' if have == ['bn'] else 'no-BN'} members here: no paired comparison (run both variants)."
+        return f"Only {SHORT.get(have[0], have[0])} members here: no paired comparison (run two or more variants)."
+    if set(have) == {"bn", "nobn"}:
+        return "No seed has both a BN and a no-BN member that trained without diverging: no paired comparison."
+    return "No seed has two variants that trained without diverging: no paired comparison."
 
 
 def target_table(ttt: pd.DataFrame, target: float) -> pd.DataFrame:
@@ -229,6 +285,12 @@ def shown_pairs(pairs: pd.DataFrame, table: pd.DataFrame, ids: pd.DataFrame) -> 
     if not len(pairs):
         return pairs
     planned = pairs.merge(table[["config", "planned_epochs"]].drop_duplicates("config"), on="config", how="left")
+    if "variant" in pairs:  # several variants against one baseline (long_pairs)
+        t = pd.DataFrame({"config": pairs["config"], "seed": pairs["seed"], "epoch": epoch_text(planned),
+                          "variant": pairs["variant"].map(_variant), "against": pairs["baseline"].map(_variant),
+                          "variant acc": pairs["variant_acc"], "baseline acc": pairs["baseline_acc"],
+                          "difference (pp)": [f"{d * 100:+.2f}" for d in pairs["difference"]]})
+        return _with_ids(t, ids)
     t = pd.DataFrame({"config": pairs["config"], "seed": pairs["seed"], "epoch": epoch_text(planned),
                       "with BN": pairs["bn"], "without BN": pairs["nobn"],
                       "BN - no-BN (pp)": [f"{d * 100:+.2f}" for d in pairs["difference"]]})
