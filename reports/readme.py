@@ -451,9 +451,80 @@ def sync_bn() -> str:
                        "(reports/sync_bn/report/sync_bn.png)"])
 
 
+NORM_ORDER = ["nobn", "bn", "brn", "ln", "gn", "rms"]
+NORM_NAMES = {"nobn": "no norm", "bn": "BN", "brn": "BRN", "ln": "LN", "gn": "GN", "rms": "RMS"}
+
+
+def _paired(g: pd.DataFrame, a: str, b: str) -> tuple[float, float, float]:
+    """a - b in pp over paired seeds: mean and Student-t 95% interval."""
+    from bnbench.reporting.stats import mean_ci95
+
+    d = g.pivot_table(index="seed", columns="variant", values="test_acc", aggfunc="first")
+    d = (d[a] - d[b]).dropna() * 100
+    return (d.mean(), *mean_ci95(d))
+
+
+def norms() -> str:
+    """Which normalization, at which batch size: every variant's mean final test accuracy per batch size,
+    and what the paired differences to no normalization say (reports/norms, one run per batch size)."""
+    df = rows("norms")
+    last = df.sort_values("step").groupby(["batch_size", "variant", "seed"], as_index=False).tail(1)
+    mean = last.pivot_table(index="batch_size", columns="variant", values="test_acc", aggfunc="mean")
+    lines = ["| batch | " + " | ".join(NORM_NAMES[v] for v in NORM_ORDER) + " | best |", "|---" * (len(NORM_ORDER) + 2) + "|"]
+    for b, r in mean.iterrows():
+        best = max(NORM_ORDER, key=lambda v: r[v])
+        lines.append(f"| {b} | " + " | ".join(f"{r[v]:.4f}" for v in NORM_ORDER) + f" | {NORM_NAMES[best]} |")
+    by = dict(tuple(last.groupby("batch_size")))
+    sizes = sorted(by)
+    behind = [b for b in sizes if _paired(by[b], "bn", "nobn")[2] < 0]  # BN below no-BN, the whole interval
+    ahead = [b for b in sizes if _paired(by[b], "bn", "nobn")[1] > 0]
+    small = sizes[0]
+    holds = [v for v in ("ln", "gn", "rms") if _paired(by[small], v, "nobn")[1] > 0]
+    bn2, brn2 = _paired(by[small], "bn", "nobn"), _paired(by[small], "brn", "nobn")
+    per_step = {b: by[b]["train_seconds"].max() for b in sizes}
+    text = [f"Mean final test accuracy over {int(last['seed'].nunique())} seeds after {int(last['epoch'].max())} epoch "
+            f"(equal epochs: {60_000 // small:,} steps at batch {small}, {60_000 // sizes[-1]:,} at {sizes[-1]}; "
+            f"`reports/norms/`, `reports/norms.toml`):", "", *lines, "",
+            f"- BN falls behind no normalization, its whole 95% interval below, at batch "
+            f"{', '.join(map(str, behind)) or 'none'}: at {small} by {-bn2[0]:.1f} pp [{bn2[1]:+.1f}, {bn2[2]:+.1f}], "
+            f"and it is ahead, its whole interval above, from batch {min(ahead) if ahead else '-'} on "
+            f"({', '.join(map(str, ahead))}).",
+            f"- Batch Renormalization (the paper's schedule, which leaves plain BN after 5,000 steps) recovers part of "
+            f"the loss at batch {small}: {brn2[0]:+.1f} pp [{brn2[1]:+.1f}, {brn2[2]:+.1f}] against no normalization, "
+            f"{brn2[0] - bn2[0]:+.1f} pp against BN.",
+            f"- The per-sample normalizations hold at batch {small}: "
+            + ", ".join(f"{NORM_NAMES[v]} {_paired(by[small], v, 'nobn')[0]:+.2f} pp" for v in ("ln", "gn", "rms"))
+            + f" against no normalization ({', '.join(NORM_NAMES[v] for v in holds) or 'none'} with the whole "
+            f"interval above 0).",
+            f"- Training time of one epoch of the unit: {per_step[small]:.0f} s at batch {small}, "
+            f"{per_step[sizes[-1]]:.0f} s at {sizes[-1]} (all six variants of 5 seeds in one process).",
+            "", "![final test accuracy per normalization and each one's difference to no normalization against the "
+            "batch size](reports/norms/report/sensitivity_batch_size.png)"]
+    return "\n".join(text)
+
+
+def norms_sync() -> str:
+    """The distributed question at a per-process batch of 2: 2 gloo processes, BN per process or synced, GN, LN."""
+    from bnbench.reporting.stats import mean_ci95
+
+    df = rows("norms_sync")
+    last = df.sort_values("step").groupby(["run_id", "variant", "seed"], as_index=False).tail(1)
+    cells = []
+    for (sync, variant), g in last.groupby(["sync_bn", "variant"]):
+        lo, hi = mean_ci95(g["test_acc"])
+        name = {"bn": "BN, statistics " + ("over both processes (`--sync-bn`)" if sync else "per process"),
+                "gn": "GroupNorm", "ln": "LayerNorm"}[variant]
+        cells.append((g["test_acc"].mean(), f"| {name} | {g['test_acc'].mean():.4f} [{lo:.4f}, {hi:.4f}] |"))
+    b = int(last["per_device_batch"].iloc[0])
+    return "\n".join([f"Two gloo processes as one data-parallel group, {b} samples per process per step (global batch "
+                      f"{2 * b}), 1 epoch, {int(last['seed'].nunique())} seeds, mean final test accuracy [Student-t 95% CI] "
+                      f"(`reports/norms_sync/`, `reports/norms_sync.toml`):", "",
+                      "| normalization | final test accuracy |", "|---|---|", *[c for _, c in sorted(cells)]])
+
+
 BLOCKS = {f.__name__: f for f in (lab, lab_time, report_example, report_bench, ddp_scaling, sync_bn_cost, lr_scan,
                                   ioffe_paragraph, ioffe_findings, deep_findings, deep_paragraph, instrument_cost,
-                                  perf_table, memory, lr_range, batch_size, sync_bn)}
+                                  perf_table, memory, lr_range, batch_size, sync_bn, norms, norms_sync)}
 
 
 # -- README.md and docs/*.md ------------------------------------------------------------------------
