@@ -153,3 +153,19 @@ print(before[0], after[0], changed, before[2], after[2], sorted(figs))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "svg svg [] [1] [1] ['final_accuracy', 'learning_curves']", out.stdout
+
+
+def test_a_sweep_in_a_notebook_draws_bars(monkeypatch):
+    """In a Jupyter kernel a sweep's progress is tqdm.auto's widgets, as on a terminal; in a log, lines."""
+    import types
+
+    from bnbench.sweeps.runner import Progress
+
+    class ZMQInteractiveShell:  # what IPython's get_ipython() returns inside a Jupyter kernel
+        pass
+
+    assert Progress(2, quiet=False).mode == "lines"  # pytest's stderr is no terminal
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=ZMQInteractiveShell))
+    bars = Progress(2, quiet=False)
+    assert bars.mode == "bars"
+    bars.units.close()

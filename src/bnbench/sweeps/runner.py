@@ -46,6 +46,13 @@ from ..store.tracking import check_trackers
 
 
 # -- running ----------------------------------------------------------------------------
+def _in_notebook() -> bool:
+    """A Jupyter kernel (tqdm.auto then draws widgets): bars there too, as on a terminal."""
+    shell = sys.modules.get("IPython")
+    ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
 class Progress:
     """Units and the epochs of the current unit: bars on a terminal, plain lines in logs, or quiet."""
 
@@ -53,7 +60,7 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.tqdm, self.total, self.n = tqdm, total, 0
-        self.mode = "quiet" if quiet else "bars" if sys.stderr.isatty() else "lines"
+        self.mode = "quiet" if quiet else "bars" if sys.stderr.isatty() or _in_notebook() else "lines"
         self.units = tqdm(total=total, unit="unit", position=0, desc="sweep") if self.mode == "bars" else None
         self.epochs = None
 
