@@ -470,10 +470,9 @@ def norms() -> str:
     df = rows("norms")
     last = df.sort_values("step").groupby(["batch_size", "variant", "seed"], as_index=False).tail(1)
     mean = last.pivot_table(index="batch_size", columns="variant", values="test_acc", aggfunc="mean")
-    lines = ["| batch | " + " | ".join(NORM_NAMES[v] for v in NORM_ORDER) + " | best |", "|---" * (len(NORM_ORDER) + 2) + "|"]
+    lines = ["| batch | " + " | ".join(NORM_NAMES[v] for v in NORM_ORDER) + " |", "|---" * (len(NORM_ORDER) + 1) + "|"]
     for b, r in mean.iterrows():
-        best = max(NORM_ORDER, key=lambda v: r[v])
-        lines.append(f"| {b} | " + " | ".join(f"{r[v]:.4f}" for v in NORM_ORDER) + f" | {NORM_NAMES[best]} |")
+        lines.append(f"| {b} | " + " | ".join(f"{r[v]:.4f}" for v in NORM_ORDER) + " |")
     by = dict(tuple(last.groupby("batch_size")))
     sizes = sorted(by)
     behind = [b for b in sizes if _paired(by[b], "bn", "nobn")[2] < 0]  # BN below no-BN, the whole interval
@@ -482,6 +481,7 @@ def norms() -> str:
     holds = [v for v in ("ln", "gn", "rms") if _paired(by[small], v, "nobn")[1] > 0]
     bn2, brn2 = _paired(by[small], "bn", "nobn"), _paired(by[small], "brn", "nobn")
     per_step = {b: by[b]["train_seconds"].max() for b in sizes}
+    warmup = int(last["brn_warmup"].dropna().iloc[0]) if "brn_warmup" in last else 5000
     text = [f"Mean final test accuracy over {int(last['seed'].nunique())} seeds after {int(last['epoch'].max())} epoch "
             f"(equal epochs: {60_000 // small:,} steps at batch {small}, {60_000 // sizes[-1]:,} at {sizes[-1]}; "
             f"`reports/norms/`, `reports/norms.toml`):", "", *lines, "",
@@ -489,9 +489,11 @@ def norms() -> str:
             f"{', '.join(map(str, behind)) or 'none'}: at {small} by {-bn2[0]:.1f} pp [{bn2[1]:+.1f}, {bn2[2]:+.1f}], "
             f"and it is ahead, its whole interval above, from batch {min(ahead) if ahead else '-'} on "
             f"({', '.join(map(str, ahead))}).",
-            f"- Batch Renormalization (the paper's schedule, which leaves plain BN after 5,000 steps) recovers part of "
+            f"- Batch Renormalization (the paper's schedule: plain BN for the first {warmup:,} steps) recovers part of "
             f"the loss at batch {small}: {brn2[0]:+.1f} pp [{brn2[1]:+.1f}, {brn2[2]:+.1f}] against no normalization, "
-            f"{brn2[0] - bn2[0]:+.1f} pp against BN.",
+            f"{brn2[0] - bn2[0]:+.1f} pp against BN. Where an epoch is no longer than the warm-up (batch "
+            f"{', '.join(str(b) for b in sizes if 60_000 // b <= warmup)}), BRN trains as BN does (r = 1, d = 0): "
+            f"their differences there are rounding and BRN's running standard deviation in evaluation.",
             f"- The per-sample normalizations hold at batch {small}: "
             + ", ".join(f"{NORM_NAMES[v]} {_paired(by[small], v, 'nobn')[0]:+.2f} pp" for v in ("ln", "gn", "rms"))
             + f" against no normalization ({', '.join(NORM_NAMES[v] for v in holds) or 'none'} with the whole "

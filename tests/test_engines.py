@@ -313,6 +313,9 @@ def test_a_hand_written_step_that_differs_falls_back_to_autograd(accelerator, mn
     assert len(err) == 1 and "the hand-written step differs from autograd here" in err[0], err
     assert "training on autograd" in err[0]
     assert [u.step_impl for u in t.stacks] == ["autograd"] and t.step_impl("bn", 0) == "autograd"
+    from bnbench.train.optim import FusedAdamStep
+
+    assert not isinstance(t.optimizer_groups[0].update, FusedAdamStep)  # the direct Adam call was not verified either
     plain = Trainer(make_config(seeds=(0, 1), step_impl="autograd"), splits, accelerator)
     order = t.epoch_order(1)
     for step in range(3):
@@ -331,3 +334,20 @@ def test_the_self_check_passes_where_the_hand_written_step_is_right(accelerator,
                     accelerator)
         for u in t.stacks:
             assert seam.compare(t.cfg, u.net) is None and u.step_impl == "fused", kw
+
+
+def test_the_self_check_runs_for_a_net_in_a_process_group(tmp_path, monkeypatch):
+    """A net that holds a process group (any data-parallel launch) is checked on copies that share the
+    group (a ProcessGroup cannot be copied): the hand-written step is taken, not refused by the copy."""
+    import torch.distributed as dist
+
+    from bnbench.train import step as seam
+
+    monkeypatch.setattr(seam, "_verdicts", {})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        net = StackedMLP([init_linears(0, (784, 32, 32, 10))], ("bn", "nobn"), process_group=dist.group.WORLD)
+        assert seam.self_check(make_config(seeds=(0,)), net) is None
+        assert seam.hand_written(make_config(seeds=(0,)), net, sync_bn=False)
+    finally:
+        dist.destroy_process_group()

@@ -73,3 +73,6 @@ def test_holm_adjusts_the_comparisons_shown_together():
     assert got[2] is None and got[0] == pytest.approx(0.06) and got[1] == pytest.approx(0.04)
     assert got[3] == pytest.approx(0.2) and got[4] == pytest.approx(0.06)
     assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([]) == [] and holm([0.04]) == [0.04]
+    nan = float("nan")
+    got = holm([nan, 1e-5, 1.3e-5, 0.83])  # a comparison without a test does not count, nor poison the others
+    assert got[0] != got[0] and got[1:] == pytest.approx([3e-5, 3e-5, 0.83])

@@ -139,6 +139,7 @@ def test_a_stacked_module_of_any_variants_holds_the_reference_modules_state():
     (["--variants", "bn,layernorm"], "unknown variant 'layernorm'; valid: bn, nobn, ln, gn, rms, brn"),
     (["--variants", "gn", "--gn-groups", "5"], "gn_groups 5 does not divide hidden width 32"),
     (["--variants", "gn", "--hidden", "12,10", "--gn-groups", "4"], "gn_groups 4 does not divide hidden width 10"),
+    (["--variants", "gn", "--gn-groups", "32"], "gn_groups 32 leaves a group of one channel in hidden width 32"),
     (["--variants", "brn", "--brn-r-max", "0.5"], "brn_r_max must be a finite number >= 1"),
     (["--variants", "brn", "--brn-d-max", "-1"], "brn_d_max must be a finite number >= 0"),
     (["--variants", "brn", "--brn-warmup", "50000"], "brn_r_full (40000) comes before the end of brn_warmup"),

@@ -359,6 +359,9 @@ def _validate_norms(cfg: Config) -> None:
     """The normalizations' settings, checked before any work (train/norms.py)."""
     if "gn" in cfg.variants:
         g, common = cfg.gn_groups_for(), math.gcd(*cfg.hidden)
+        if any(w // g < 2 for w in cfg.hidden):  # one channel a group: its mean is itself, the output its shift
+            raise ConfigError(f"gn_groups {g} leaves a group of one channel in hidden width {min(cfg.hidden)}: GroupNorm "
+                              "would output its shift alone; use at most half the smallest width")
         bad = [w for w in cfg.hidden if w % g]
         if bad:
             fits = [d for d in range(1, common + 1) if common % d == 0]

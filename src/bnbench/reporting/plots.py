@@ -91,7 +91,7 @@ def main_figures(acc, headline, ttt, throughput, target: float, names: dict) -> 
         keep(fig, "throughput", "member-samples per second by world size, device, engine, sync BN "
              "and data-parallel size (dp; world size / dp seed groups)", figs)
 
-    syncable = headline[~headline["diverged"]]
+    syncable = headline[~headline["diverged"] & headline["variant"].isin(["bn", "brn"])]  # what --sync-bn changes
     if ("sync_bn" in syncable and syncable["sync_bn"].nunique() > 1 and "per_device_batch" in syncable
             and syncable["per_device_batch"].nunique() >= 2):
         shown = syncable.assign(variant=lambda d: d["variant"].map(lambda v: LABELS.get(v, v)),

@@ -93,6 +93,12 @@ class Analysis:
             self.verdict = all_verdicts(self.compared, self.baseline, said)
         by_id = self.verdict.assign(_o=self.verdict["config"].map(order)).sort_values("_o", kind="stable")
         self.verdict_lines = list(by_id["verdict"]) or [no_pairs(self.final)]
+        if len(self.verdict) and not self.lab:  # a configuration with nothing to compare is said, not dropped
+            for cfg, g in self.final.groupby("config", sort=False):
+                if cfg not in set(self.verdict["config"]):
+                    held = ", ".join(SHORT.get(v, v) for v in sorted(set(g["variant"])))
+                    self.verdict_lines.append(f"{said.get(cfg, cfg)}: only {held} here: no paired comparison against "
+                                              f"{SHORT.get(self.baseline, self.baseline)}.")
         ttt = time_to_target(self.acc, self.target) if "train_seconds" in self.acc else pd.DataFrame()
         self.ttt = ttt.merge(self.acc[["run_id", "config"]].drop_duplicates(), on="run_id") if len(ttt) else ttt
         self.targets = target_table(self.ttt, self.target) if len(self.ttt) else pd.DataFrame()

@@ -68,10 +68,11 @@ def paired_test(bn, nobn) -> dict:
 
 
 def holm(pvalues: list[float | None]) -> list[float | None]:
-    """Holm's step-down adjustment of the p-values of the comparisons shown together (None stays None):
+    """Holm's step-down adjustment of the p-values of the comparisons shown together (None and NaN, a
+    comparison with too few pairs for a test, stay as they are and do not count):
     the i-th smallest of m is multiplied by m - i (i from 0), then made non-decreasing and capped at 1.
     It controls the chance of any false "differs" among them, without assuming independence."""
-    known = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    known = sorted((p, i) for i, p in enumerate(pvalues) if p is not None and p == p)  # None or NaN: no test
     m, out, running = len(known), list(pvalues), 0.0
     for rank, (p, i) in enumerate(known):
         running = max(running, min(1.0, (m - rank) * p))

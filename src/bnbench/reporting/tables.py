@@ -138,9 +138,9 @@ def all_verdicts(compared: list[tuple[str, pd.DataFrame]], baseline: str, names:
     if not parts:
         return pd.DataFrame(columns=["config", "epoch", "complete", "variant", "baseline", "verdict", "p_holm"])
     table = pd.concat(parts, ignore_index=True)
-    table["p_holm"] = holm(list(table["p_t"].where(table["p_t"].notna(), None)))
-    if len(table) > 1:
-        m = int(table["p_t"].notna().sum())
+    table["p_holm"] = holm([None if pd.isna(p) else float(p) for p in table["p_t"]])  # too few pairs: no p
+    m = int(table["p_t"].notna().sum())
+    if m > 1:
         table["verdict"] = [text if p is None or pd.isna(p) else f"{text[:-1]}; Holm-adjusted over {m} comparisons: {describe_p(p)}."
                             for text, p in zip(table["verdict"], table["p_holm"])]
     return table

@@ -178,6 +178,10 @@ class Trainer:
         self.optimizer_groups = self._optimizer_groups(nets)
         for group, members in zip(self.optimizer_groups, self._grouping(nets)):
             group.stacks += [self._make_stack(specs[i], nets[i], group.optimizer) for i in members]
+            # The direct Adam call only where a stack's self-check verified it (it steps the call against
+            # Adam.step): a failed check, or a group of autograd stacks alone, takes the optimizer's own step.
+            verified = any(u.step_impl == "fused" for u in group.stacks)
+            group.update = seam.update_of(self.cfg, group.optimizer, verified)
         self.stacks: list[Stack] = [u for g in self.optimizer_groups for u in g.stacks]
         self.steps_done = 0
         self.instruments = None

@@ -84,12 +84,13 @@ def hand_written(cfg: Config, net: nn.Module, sync_bn: bool) -> bool:
     return self_check(cfg, net) is None
 
 
-def update_of(cfg: Config, opt) -> Callable[[], None]:
+def update_of(cfg: Config, opt, verified: bool = True) -> Callable[[], None]:
     """The optimizer's step as the engine calls it once per step: the direct fused Adam call where
-    it applies and is chosen, else the optimizer's own step (through Accelerate's wrapper only where
-    the wrapper does more than forward the call)."""
+    it applies, is chosen and has been verified (the self-check steps it against Adam.step), else the
+    optimizer's own step (through Accelerate's wrapper only where the wrapper does more than forward
+    the call)."""
     inner = unwrapped(opt)
-    if cfg.step_impl == "fused" and FusedAdamStep.applies(inner):
+    if cfg.step_impl == "fused" and verified and FusedAdamStep.applies(inner):
         return FusedAdamStep(inner)
     return inner.step
 
@@ -118,7 +119,7 @@ def self_check(cfg: Config, net: StackedMLP) -> str | None:
             _verdicts[key] = f"{type(e).__name__}: {e}".splitlines()[0]
         if _verdicts[key] is not None:
             print(f"bnbench: the hand-written step differs from autograd here ({_verdicts[key]}); "
-                  "training on autograd (--step-impl autograd)", file=sys.stderr, flush=True)
+                  "training on autograd and Adam.step (--step-impl autograd)", file=sys.stderr, flush=True)
     return _verdicts[key]
 
 
@@ -127,7 +128,10 @@ def compare(cfg: Config, net: StackedMLP, batch: int = 8, steps: int = 2) -> str
     direct Adam call against autograd and the optimizer's own step. None if they agree (exactly on
     the CPU, within CUDA_RTOL on a GPU), else what differs first. The direct call takes over from
     the second step (the first one makes Adam's state), hence two steps."""
-    fast, plain = copy.deepcopy(net).train(), copy.deepcopy(net).train()
+    # The copies share the net's process group (a torch ProcessGroup cannot be copied, nor need it be:
+    # the hand-written step applies without sync BN, so the group is never used by the copies).
+    memo = {} if net.process_group is None else {id(net.process_group): net.process_group}
+    fast, plain = copy.deepcopy(net, dict(memo)).train(), copy.deepcopy(net, dict(memo)).train()
     p0 = net.weights[0]
     gen = torch.Generator().manual_seed(0)
     fin, classes = net.shapes[0][1], net.shapes[-1][0]
