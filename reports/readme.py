@@ -41,6 +41,7 @@ BENCH = HERE / "bench" / "Linux-CPython-3.11-64bit"
 STEP_BENCH = BENCH / "0007_97938412ae1eb7bf4a57caf88cdbb769dafd1db5_20261128_174559.json"
 REPORT_BENCH = BENCH / "0002_74a23a02daea622544872f755df48729f15b0d9a_20261126_124234_uncommitted-changes.json"
 INSTRUMENT_BENCH = BENCH / "0003_instruments.json"
+NORM_BENCH = BENCH / "0008_4f54a52661e453829bb626417def225edee3d3f3_20261207_112948.json"
 TARGET = 0.97
 BLOCK = re.compile(r"<!-- figures: (\S+) \(reports/readme\.py\) -->\n(.*?)<!-- /figures -->", re.S)
 LINK = re.compile(r"\]\((?![a-z]+:|/|#)([^)\s]+)\)")  # a markdown link or image to a repository path
@@ -524,9 +525,25 @@ def norms_sync() -> str:
                       "| normalization | final test accuracy |", "|---|---|", *[c for _, c in sorted(cells)]])
 
 
+def norm_cost() -> str:
+    """What each normalization costs: a stacked step of 5 seeds of one variant, median of the bench."""
+    b = bench(NORM_BENCH)
+    lines = ["| normalization | step | member-samples/s, batch 100 | vs no norm | member-samples/s, batch 2 | vs no norm |",
+             "|---|---|---|---|---|---|"]
+    base = {n: b[f"test_norm_step[nobn-{n}]"][1]["member_samples_per_s"] for n in (100, 2)}
+    for v in NORM_ORDER:
+        big, small = (b[f"test_norm_step[{v}-{n}]"] for n in (100, 2))
+        rate = lambda x: x[1]["member_samples_per_s"]  # noqa: E731
+        lines.append(f"| {NORM_NAMES[v]} | {big[1]['step_impl']} | {rate(big):,.0f} | {rate(big) / base[100]:.2f} | "
+                     f"{rate(small):,.0f} | {rate(small) / base[2]:.2f} |")
+    return "\n".join([f"What each costs: one training step of 5 seeds of one variant, the same stack shapes for all "
+                      f"(`bench/test_step.py::test_norm_step`, medians of 30 rounds in `reports/bench/…{NORM_BENCH.name[:4]}…json`, "
+                      f"{bench_date(NORM_BENCH)}, this 2-core VM):", "", *lines])
+
+
 BLOCKS = {f.__name__: f for f in (lab, lab_time, report_example, report_bench, ddp_scaling, sync_bn_cost, lr_scan,
                                   ioffe_paragraph, ioffe_findings, deep_findings, deep_paragraph, instrument_cost,
-                                  perf_table, memory, lr_range, batch_size, sync_bn, norms, norms_sync)}
+                                  perf_table, memory, lr_range, batch_size, sync_bn, norms, norms_sync, norm_cost)}
 
 
 # -- README.md and docs/*.md ------------------------------------------------------------------------
