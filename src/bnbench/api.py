@@ -281,9 +281,8 @@ def sweep(grid_or_path, *, out, executor: str = "local", quiet: bool = False, da
     [0.001, 0.01]
     """
     from .files import write_atomic
-    from .store.folder import FolderLock
     from .store.results import refuse_own_file
-    from .sweeps.runner import run_sweep
+    from .sweeps.runner import run_sweep, sweep_folder
 
     out = Path(out)
     if executor not in ("local", "slurm"):
@@ -293,13 +292,7 @@ def sweep(grid_or_path, *, out, executor: str = "local", quiet: bool = False, da
     else:
         text = sweep_file(grid_or_path)
         refuse_own_file(out, "out")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock = FolderLock(out)
-        except OSError as e:
-            raise ConfigError(f"output folder {out} cannot be written: {e.strerror or e}") from None
-        with lock:
-            lock.exclusive("sweep")  # a sweep that holds the folder keeps its own copy of its file
+        with sweep_folder(out):  # a sweep that holds the folder keeps its own copy of its file
             path = out / "sweep.toml"
             write_atomic(path, text.encode())
     rc = run_sweep(path, out=out, quiet=quiet, data_root=data_root, max_units=max_units, executor=executor)

@@ -22,6 +22,8 @@ One-process units of this machine's default device run inside the sweep's proces
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import signal
@@ -46,6 +48,20 @@ from ..store.tracking import check_trackers
 
 
 # -- running ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def sweep_folder(out: Path):
+    """The results folder, made if need be and held exclusively by this sweep (a ConfigError in one line
+    where it cannot be written)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(out)
+    except OSError as e:
+        raise ConfigError(f"output folder {out} cannot be written: {e.strerror or e}") from None
+    with lock:
+        lock.exclusive("sweep")
+        yield lock
+
+
 def _in_notebook() -> bool:
     """A Jupyter kernel (tqdm.auto then draws widgets): bars there too, as on a terminal."""
     shell = sys.modules.get("IPython")
@@ -231,13 +247,7 @@ def run_sweep(path, out=None, quiet: bool = False, data_root=None, dry_run: bool
 
         check_printable("--out" if explicit else "sweep.out", str(out.resolve()))  # it is in every job script
         check_cluster(sweep.slurm)  # before the folder is touched, and before any job
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = FolderLock(out)
-    except OSError as e:
-        raise ConfigError(f"output folder {out} cannot be written: {e.strerror or e}") from None
-    with lock:
-        lock.exclusive("sweep")
+    with sweep_folder(out):
         return _run_locked(sweep, out, quiet, data_root)
 
 
