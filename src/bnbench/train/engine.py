@@ -238,7 +238,8 @@ class Trainer:
                                  fused=self.cfg.engine == "stacked")
             if self.mesh.layout.seed_groups == 1:  # Accelerate's optimizer over the world's models (as prepare(net, opt))
                 opt = self.accelerator.prepare(opt)
-            groups.append(OptimizerGroup(opt, seam.zero_grad_of(opt), seam.update_of(self.cfg, opt)))
+            # update: set once its stacks are made, from their self-checks (__init__)
+            groups.append(OptimizerGroup(opt, seam.zero_grad_of(opt), seam.update_of(self.cfg, opt, verified=False)))
         return groups
 
     def _make_stack(self, spec: StackSpec, net: nn.Module, opt: torch.optim.Optimizer) -> Stack:
