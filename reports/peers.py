@@ -1,12 +1,15 @@
 """The peers race (bench/test_peers.py, issue 32) drawn from a saved pytest-benchmark JSON.
 
-    .venv/bin/python reports/peers.py                 # the newest JSON under reports/bench/<machine>/ with peer cases
-    .venv/bin/python reports/peers.py JSON [--out PNG]
+    .venv/bin/python reports/peers.py                 # every JSON under reports/bench/<machine>/ with peer cases
+    .venv/bin/python reports/peers.py JSON [JSON ...] [--out PNG]
 
 Draws member-samples/s against K for each peer (log-log), with the arithmetic limit at the
 session's matmul rate as a line, and peak memory per member against K, into reports/bench/peers.png;
 prints the markdown table of the same (`markdown_table`, for a generated block in the docs).
-Every figure is the median step time of its case (pytest-benchmark's rounds), as the JSON has it.
+A case's figure in one run is its median step time (pytest-benchmark's rounds); over several runs
+(`combine`) the figure is the median of the runs' figures, and the figure's band their min-max: on
+this shared VM one run's figures move by 20-40% (four runs of 2026-12-07 at K = 128: bnbench fused
+504k-583k, autograd 440k-591k), so a single run cannot order two peers that close.
 """
 from __future__ import annotations
 
@@ -53,10 +56,37 @@ def rows(path: Path) -> list[dict]:
 
 def newest(folder: Path = BENCH) -> Path | None:
     """The newest saved JSON (pytest-benchmark numbers them) that holds peer cases."""
-    for path in sorted(folder.glob("*.json"), reverse=True):
-        if CASE in path.read_text():
-            return path
-    return None
+    found = saved(folder)
+    return found[-1] if found else None
+
+
+def saved(folder: Path = BENCH) -> list[Path]:
+    """Every saved JSON with peer cases, oldest first."""
+    return [path for path in sorted(folder.glob("*.json")) if CASE in path.read_text()]
+
+
+def combine(runs: list[list[dict]]) -> list[dict]:
+    """One row per (peer, K) over several runs' rows: the median of their member-samples/s (`runs`,
+    `low`, `high`: how many and their range), the median of the memory and of the arithmetic limit."""
+    import statistics
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    by: dict[tuple, list[dict]] = {}
+    for run in runs:
+        for r in run:
+            by.setdefault((r["peer"], r["k"]), []).append(r)
+    out = []
+    for (peer, k), rs in by.items():
+        rates = [r["member_samples_per_s"] for r in rs]
+        out.append(dict(peer=peer, k=k, member_samples_per_s=median(rates), low=min(rates), high=max(rates), runs=len(rs),
+                        median_s=median([r["median_s"] for r in rs]),
+                        peak_bytes_per_member=median([r["peak_bytes_per_member"] for r in rs]),
+                        gflop_per_s=median([r["gflop_per_s"] for r in rs]),
+                        arithmetic_limit=median([r["arithmetic_limit"] for r in rs])))
+    return sorted(out, key=lambda r: (list(LABELS).index(r["peer"]) if r["peer"] in LABELS else 99, r["k"]))
 
 
 def _limit(data: list[dict]) -> tuple[float, float] | None:
@@ -76,6 +106,8 @@ def draw(data: list[dict], out: Path = OUT) -> Path:
         colour, marker = STYLE.get(p, ("black", "x"))
         ks = [r["k"] for r in mine]
         speed.plot(ks, [r["member_samples_per_s"] for r in mine], marker=marker, color=colour, label=LABELS.get(p, p))
+        if any(r.get("runs", 1) > 1 for r in mine):  # the runs' range
+            speed.fill_between(ks, [r["low"] for r in mine], [r["high"] for r in mine], color=colour, alpha=0.15, linewidth=0)
         have = [r for r in mine if r["peak_bytes_per_member"] is not None]
         memory.plot([r["k"] for r in have], [max(r["peak_bytes_per_member"], 1) / 2**20 for r in have], marker=marker,
                     color=colour, label=LABELS.get(p, p))
@@ -90,7 +122,8 @@ def draw(data: list[dict], out: Path = OUT) -> Path:
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_xlabel("members K (K/2 seeds x bn, nobn; K = 1: one BN member)")
         ax.grid(True, which="both", alpha=0.3)
-    speed.set_ylabel("member-samples/s (median step)")
+    runs = max((r.get("runs", 1) for r in data), default=1)
+    speed.set_ylabel("member-samples/s (median step)" + (f", median of {runs} runs, band: range" if runs > 1 else ""))
     speed.set_title("training throughput, one step on a resident batch")
     memory.set_ylabel("peak memory per member (MiB)")
     memory.set_title("peak resident memory per member")
@@ -114,8 +147,10 @@ def markdown_table(data: list[dict], source: str | None = None) -> str:
     ks = sorted({r["k"] for r in data})
     limit = _limit(data)
     lines = []
+    runs = max((r.get("runs", 1) for r in data), default=1)
     if source:
-        lines.append(f"From `{source}`: member-samples/s, from each case's median step time; "
+        lines.append(f"From {source}: member-samples/s, from each case's median step time"
+                     + (f", the median of {runs} runs" if runs > 1 else "") + "; "
                      + (f"arithmetic limit {limit[0]:,.0f} member-samples/s at {limit[1]:.0f} GFLOP/s."
                         if limit else "no matmul rate recorded."))
         lines.append("")
@@ -145,25 +180,35 @@ def markdown_table(data: list[dict], source: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe(paths: list[Path]) -> str:
+    """`reports/bench/…/0009…json` or `0009, 0010, … (4 runs) in reports/bench/…/`."""
+    def shown(path: Path) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(HERE.parent))
+        except ValueError:
+            return str(path)
+    if len(paths) == 1:
+        return f"`{shown(paths[0])}`"
+    return (f"{len(paths)} runs, `{', '.join(Path(p).name[:4] for p in paths)}` in `{Path(shown(paths[0])).parent}/`")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", nargs="?", type=Path, help="a saved pytest-benchmark JSON (default: the newest with peer cases)")
+    ap.add_argument("json", nargs="*", type=Path, help="saved pytest-benchmark JSONs (default: every one with peer cases)")
     ap.add_argument("--out", type=Path, default=OUT, help=f"the figure (default {OUT.relative_to(HERE.parent)})")
     args = ap.parse_args(argv)
-    path = args.json or newest()
-    if path is None:
+    paths = args.json or saved()
+    if not paths:
         print(f"reports/peers.py: no {CASE}...] cases under {BENCH}: run ./launch.sh bench -k test_peer_step", file=sys.stderr)
         return 2
-    data = rows(path)
-    if not data:
-        print(f"reports/peers.py: {path} holds no {CASE}...] cases", file=sys.stderr)
-        return 2
+    runs = [rows(path) for path in paths]
+    for path, run in zip(paths, runs):
+        if not run:
+            print(f"reports/peers.py: {path} holds no {CASE}...] cases", file=sys.stderr)
+            return 2
+    data = combine(runs)
     out = draw(data, args.out)
-    try:
-        shown = path.resolve().relative_to(HERE.parent)
-    except ValueError:
-        shown = path
-    print(markdown_table(data, source=str(shown)), end="")
+    print(markdown_table(data, source=describe(paths)), end="")
     print(f"figure: {out}", file=sys.stderr)
     return 0
 
