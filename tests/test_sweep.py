@@ -23,7 +23,7 @@ from bnbench.sweeps.plan import example, load_sweep, plan
 from conftest import REPO, mnist_root
 
 # Columns that differ between two runs of the same unit: who ran it, when, how fast.
-VOLATILE = {"run_id", "time", "train_seconds", "samples_per_s", "peak_rss_mb", "peak_gpu_mb"}
+VOLATILE = {"run_id", "time", "train_seconds", "samples_per_s", "variant_samples_per_s", "peak_rss_mb", "peak_gpu_mb"}
 
 ROW = {"run_id": "r", "variant": "bn", "seed": 0, "epoch": 1, "test_acc": 0.5, "diverged": False}  # what readers need
 

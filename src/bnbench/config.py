@@ -144,6 +144,9 @@ class Config:
                             "bool", column=True)
     tf32: bool = setting(False, "TF32 matmuls allowed on the GPU (--tf32); off by default, for comparability",
                          "bool", column=True)
+    cost_probe: bool = setting(True, "before training, time each variant alone as one stack of the run's shape for a "
+                               "few steps (rows: variant_samples_per_s; off: null); training is bitwise unchanged",
+                               "bool", identity=False, later=True)
     eval_batch: int = setting(10_000, "samples per evaluation chunk: memory, and how the evaluation's float32 "
                               "matmuls round (losses can differ in the last digits, ~1e-8 relative)", "int",
                               check="positive")

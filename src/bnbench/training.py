@@ -18,6 +18,7 @@ import torch
 from .config import Config, row_values
 from .train.data import Splits
 from .dist.groups import Mesh, check_world, from_first, gather_to_first, make_accelerator, make_mesh, same_settings
+from .train.cost import probe
 from .train.engine import Trainer
 from .store.folder import INSTRUMENTS_FILE
 from .dist.launch import launched_rank
@@ -118,9 +119,11 @@ def peak_memory(device: torch.device) -> dict:
     return {"peak_rss_mb": round(rss, 1), "peak_gpu_mb": None if gpu is None else round(gpu, 1)}
 
 
-def epoch_rows(trainer: Trainer, static: dict, epoch, running, seconds: float, train, test, steps: int) -> list[dict]:
+def epoch_rows(trainer: Trainer, static: dict, epoch, running, seconds: float, train, test, steps: int,
+               costs: dict | None = None) -> list[dict]:
     """One row per member of this process's seed group after a window of `steps` steps; a
-    diverged member's metrics are None (null in JSON). `run_rows` makes them the run's."""
+    diverged member's metrics are None (null in JSON). `run_rows` makes them the run's.
+    costs: the cost probe's member-samples/s per variant (train/cost.py), this process's."""
     (train_loss, train_correct, train_total), (test_loss, test_correct, test_total) = train, test
     throughput = len(trainer.members) * steps * trainer.batch / seconds
     memory = peak_memory(trainer.device)
@@ -148,6 +151,7 @@ def epoch_rows(trainer: Trainer, static: dict, epoch, running, seconds: float, t
                 "train_loss_running": float(running[i]) if ok else None,
                 "train_seconds": seconds,
                 "samples_per_s": throughput,
+                "variant_samples_per_s": (costs or {}).get(variant),
                 **memory,
                 "diverged": not ok,
                 "time": now,
@@ -245,6 +249,12 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
         compile_seconds = trainer.warm_up()
         if cfg.compile:
             record.update({"compile_seconds": compile_seconds})
+        costs = {}
+        if cfg.cost_probe:  # what each variant costs alone: the run trains them together (train/cost.py)
+            costs, probe_seconds = probe(trainer)
+            record.update({"cost_probe_seconds": round(probe_seconds, 3)})
+            if accelerator.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(accelerator.device)  # peak_gpu_mb: training's, not the probe's
         stops = cfg.eval_steps(layout.dp, int(splits.train_x.shape[0]))  # the evaluation points
         display = Display(trainer, stops[-1] if stops else 0, show=main and not quiet)
         display.banner(run_id, dev, dev_name)
@@ -262,7 +272,7 @@ def training_function(cfg: Config, out_dir, setup: Setup | None = None, quiet: b
             train = trainer.evaluate(splits.train_x, splits.train_y)
             test = trainer.evaluate(splits.test_x, splits.test_y)
             trainer.mark_diverged(running, train[0], test[0])
-            rows = epoch_rows(trainer, static, epoch, running, seconds, train, test, window)
+            rows = epoch_rows(trainer, static, epoch, running, seconds, train, test, window, costs)
             rows = run_rows(rows, mesh, window, trainer.batch)  # every group's, at rank 0
             if main:
                 if trainer.instruments is not None:

@@ -28,9 +28,9 @@ from .select import (CONFIG_KEYS, MEMBER, accuracy_rows, config_ids, config_keys
                      headline_rows, member_table, prepare)
 from .sensitivity import sensitivity_section
 from .stats import mean_ci95, time_to_target
-from .tables import (all_verdicts, baseline_of, comparisons, environment, final_table, key_table, long_pairs, no_pairs,  # noqa: F401
-                     paired_differences, shown_final, shown_pairs, shown_targets, shown_throughput, target_table,  # noqa: F401
-                     throughput_table, verdicts)
+from .tables import (all_verdicts, baseline_of, comparisons, cost_table, environment, final_table, key_table,  # noqa: F401
+                     long_pairs, no_pairs, paired_differences, shown_costs, shown_final, shown_pairs, shown_targets,
+                     shown_throughput, target_table, throughput_table, verdicts)
 
 CHANCE = 2 / 10  # "no better than chance": at most twice the 10% of guessing one of MNIST's 10 classes
 DEFAULT_TARGET = 0.97  # test accuracy for time-to-target (MLPerf / DAWNBench style)
@@ -103,6 +103,7 @@ class Analysis:
         self.ttt = ttt.merge(self.acc[["run_id", "config"]].drop_duplicates(), on="run_id") if len(ttt) else ttt
         self.targets = target_table(self.ttt, self.target) if len(self.ttt) else pd.DataFrame()
         self.throughput = throughput_table(self.df) if "samples_per_s" in self.df else pd.DataFrame()
+        self.costs = cost_table(self.df, self.baseline)  # empty for rows without the cost probe's rates
 
 
 def analyse(df: pd.DataFrame, problems=(), meta=None, target: float = DEFAULT_TARGET,
@@ -155,7 +156,8 @@ def shown_tables(a: Analysis) -> dict:
     """The report's tables as it shows them, by name; those with no rows left out."""
     tables = {"configurations": key_table(a.df, a.ids)[0], "final_accuracy": shown_final(a.table, a.ids),
               "paired_difference": shown_pairs(a.pairs, a.table, a.ids),
-              "time_to_target": shown_targets(a.targets, a.ids), "throughput": shown_throughput(a.df, a.throughput)[0]}
+              "time_to_target": shown_targets(a.targets, a.ids), "throughput": shown_throughput(a.df, a.throughput)[0],
+              "variant_cost": shown_costs(a.costs, a.baseline)[0]}
     return {name: t.reset_index(drop=True) for name, t in tables.items() if len(t)}
 
 
@@ -259,9 +261,12 @@ def build_report(out_dir, target: float = DEFAULT_TARGET, baseline: str | None =
     summary.to_csv(rep / "summary.csv", index=False)
     table.to_csv(rep / "final_accuracy.csv", index=False)
     a.pairs.to_csv(rep / "paired_difference.csv", index=False)
+    if len(a.costs):
+        a.costs.to_csv(rep / "variant_cost.csv", index=False)
 
     shown = shown_tables(a)
     key_text, throughput_text = key_table(df, a.ids)[1], shown_throughput(df, a.throughput)[1]
+    cost_text = shown_costs(a.costs, a.baseline)[1]
     table_of = lambda name: shown.get(name, pd.DataFrame())  # noqa: E731
     sync_note = ("" if "sync_bn" in df and df["sync_bn"].nunique() > 1
                  else "No runs both with and without --sync-bn here (a sweep with sync_bn = [false, true] and nproc > 1 gives them).")
@@ -280,7 +285,8 @@ def build_report(out_dir, target: float = DEFAULT_TARGET, baseline: str | None =
          [("table", table_of("paired_difference"))]),
         ("Learning curves", [("text", curves_note), ("figures", pick("learning_curves"))]),
         (f"Time to {target:.2%} test accuracy", [("table", table_of("time_to_target")), ("figures", pick("time_to_target"))]),
-        ("Throughput and scaling", [("text", throughput_text), ("table", table_of("throughput")), ("figures", pick("throughput"))]),
+        ("Throughput and scaling", [("text", throughput_text), ("table", table_of("throughput")), ("figures", pick("throughput")),
+                                    ("text", cost_text), ("table", table_of("variant_cost"))]),
         ("Synchronised BN", [("text", sync_note), ("figures", pick("sync_bn"))]),
         ("Sensitivity: BN and no-BN across each setting that varies" if a.lab else "Sensitivity: each variant across each setting that varies", [("list", d.sensitivity_text), ("figures", sens_figs)]),
         ("Inside the network: Ioffe & Szegedy's Figure 1, gradients, internal covariate shift",

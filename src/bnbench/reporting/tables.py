@@ -1,9 +1,9 @@
-"""The report's tables: final accuracy, paired differences and verdicts, time to target, throughput; and
-how each is shown (a key table names every configuration once, the others say C1, C2, ...; plain column
-names; throughput of a single layout as a sentence).
+"""The report's tables: final accuracy, paired differences and verdicts, time to target, throughput and what
+each variant costs; and how each is shown (a key table names every configuration once, the others say C1,
+C2, ...; plain column names; throughput of a single layout as a sentence).
 
-The computed tables (final_table, paired_differences, verdicts, target_table, throughput_table) keep their
-column names and full configuration labels: they are the CSV files beside the report.
+The computed tables (final_table, paired_differences, verdicts, target_table, throughput_table, cost_table)
+keep their column names and full configuration labels: they are the CSV files beside the report.
 """
 from __future__ import annotations
 
@@ -201,6 +201,37 @@ def throughput_table(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+COST = "variant_samples_per_s"  # the cost probe's rate (train/cost.py): each variant trained alone
+
+
+def cost_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """What each variant costs: per setting and layout (the throughput table's keys) and variant, the cost
+    probe's member-samples/s (each run's median over its rows, then the median and count over runs) and
+    its ratio to the baseline variant's in the same setting. Empty unless rows carry it for two variants
+    (rows written before the probe do not)."""
+    cols = ["variant", COST, "runs", "ratio"]
+    if COST not in df:
+        return pd.DataFrame(columns=cols)
+    rows = df[df[COST].notna()]
+    if rows["variant"].nunique() < 2:
+        return pd.DataFrame(columns=cols)
+    keys = [k for k in THROUGHPUT_KEYS if k in rows]
+    runs = rows.groupby(["run_id", *keys, "variant"], dropna=False)[COST].median().reset_index()
+    table = runs.groupby([*keys, "variant"], dropna=False)[COST].agg(["median", "count"]).reset_index()
+    table = table.rename(columns={"median": COST, "count": "runs"})
+    base = table.loc[table["variant"] == baseline, [*keys, COST]].rename(columns={COST: "_base"})
+    if keys:  # merge matches missing keys (NaN) with each other, as groupby(dropna=False) kept them
+        table = table.merge(base, on=keys, how="left")
+    else:
+        table["_base"] = base["_base"].iloc[0] if len(base) else np.nan
+    table["ratio"] = table[COST] / table["_base"]
+    # The baseline first, then the palette's order, as the figures have it.
+    ranked = dict.fromkeys([baseline, *PALETTE, *sorted(set(table["variant"]) - set(PALETTE))])
+    order = {v: i for i, v in enumerate(ranked)}
+    table = table.assign(_order=table["variant"].map(order)).sort_values([*keys, "_order"], kind="stable")
+    return table[[*keys, *cols]].reset_index(drop=True)
+
+
 # -- shown: plain names, each configuration named once -------------------------------------------
 NAMES = {"device_name": "device", "world_size": "processes", "dp": "dp", "engine": "engine", "sync_bn": "sync BN",
          "members": "members", "batch_size": "batch", "samples_per_s": "member-samples/s", "runs": "runs",
@@ -342,6 +373,28 @@ def shown_throughput(df: pd.DataFrame, throughput: pd.DataFrame) -> tuple[pd.Dat
         t["scaling efficiency"] = eff.map(lambda v: f"{v:.2f}" if np.isfinite(v) else "-")
     how = "Median and range across runs (each run: the median of its epochs after the first, or of its only epoch)"
     return t, f"{how}; every row: {shared}." if shared else f"{how}."
+
+
+def shown_costs(cost: pd.DataFrame, baseline: str) -> tuple[pd.DataFrame, str]:
+    """(table, sentence) of what each variant costs (cost_table): the settings that differ between rows, the
+    variant, its member-samples/s alone, the ratio to the baseline's, the runs; the sentence says how it is
+    measured and names the settings every row shares."""
+    if not len(cost):
+        return cost, ""
+    keys = [k for k in THROUGHPUT_KEYS if k in cost]
+    same = [k for k in keys if cost[k].nunique(dropna=False) == 1]  # a missing value differs from a present one
+    differ = [k for k in keys if k not in same]
+    t = cost[differ].rename(columns=NAMES).astype(object).map(_value) if differ else pd.DataFrame(index=cost.index)
+    base = SHORT.get(baseline, baseline)
+    t = t.assign(**{"variant": cost["variant"].map(_variant), "member-samples/s": cost[COST].map(_rate),
+                    f"ratio to {base}": cost["ratio"].map(lambda v: f"{v:.2f}" if np.isfinite(v) else "-"),
+                    "runs": cost["runs"]})
+    shared = ", ".join(_setting(k, cost[k].iloc[0]) for k in same)
+    text = ("What each variant costs to train: member-samples/s of that variant alone, as one stack of its run's shape "
+            "(its seeds in a process, the batch per process), timed for a few steps before training (the cost probe; "
+            f"computation only, no collectives); the median over runs, and its ratio to {base}'s in the same setting "
+            "(below 1: slower).")
+    return t, f"{text} The runs' settings: {shared}." if shared else text
 
 
 def environment(meta: dict, run_ids: set) -> pd.DataFrame:

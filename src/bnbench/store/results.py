@@ -51,6 +51,7 @@ SCHEMA: dict[str, str] = {
     "train_loss_running": "mean mini-batch loss during the epoch (train mode)",
     "train_seconds": "wall time of the window's (epoch's) training steps, evaluation and instruments excluded (CUDA synchronised); the slowest seed group's",
     "samples_per_s": "member-samples per second in the window, all processes together: members x samples / train_seconds",
+    "variant_samples_per_s": "member-samples per second of this member's variant trained alone, as one stack of the run's shape (that variant's seeds in this process, the batch per process), timed for a few steps before training on this process (the cost probe: computation only, no collectives); null with --no-cost-probe or --compile (absent before 2026-12-07)",
     "peak_rss_mb": "peak resident memory of a process so far, the largest over the processes, MiB",
     "peak_gpu_mb": "peak GPU memory allocated by torch so far, the largest over the processes, MiB (null on the CPU)",
     "members": "members in the run (all variants and seeds, over every seed group)",
@@ -213,7 +214,8 @@ _REQUIRED = {
                        "value": _NUMBER + (type(None),)},
 }
 _NUMBERS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "train_correct", "train_total", "test_correct",
-            "test_total", "train_loss_running", "train_seconds", "samples_per_s", "world_size", "dp", "lr", "batch_size")
+            "test_total", "train_loss_running", "train_seconds", "samples_per_s", "variant_samples_per_s", "world_size", "dp",
+            "lr", "batch_size")
 
 
 def row_problem(row: dict, name: str = RESULTS_FILE) -> str | None:

@@ -204,25 +204,28 @@ class Trainer:
             raise ConfigError(f"--instrument measures in one process; this launch has {self.world_size}. "
                               "Launch it without --nproc / several processes.")
 
-    def _build(self, spec: StackSpec) -> nn.Module:
-        """The module of a planned stack, on the device (fused optimizers want their parameters placed first)."""
+    def _build(self, spec: StackSpec, alone: bool = False) -> nn.Module:
+        """The module of a planned stack, on the device (fused optimizers want their parameters placed first).
+        alone: without sync BN or a process group, whatever the run's (cost.py times one process's compute:
+        a loop bounded by its own clock must not enter a collective the other processes may not)."""
         cfg = self.cfg
+        sync_bn, group = (False, None) if alone else (self.sync_bn, self.dp_group)
         inits = [[(w.to(self.dtype), b.to(self.dtype)) for w, b in init_linears(s, cfg.layer_sizes)] for s in spec.seeds]
         norm_kw = dict(gn_groups=cfg.gn_groups_for(),
                        renorm=Renorm(cfg.brn_r_max, cfg.brn_d_max, cfg.brn_warmup, cfg.brn_r_full, cfg.brn_d_full))
         if spec.stacked:
-            net = StackedMLP(inits, spec.variants, activation=cfg.activation, sync_bn=self.sync_bn,
-                             drop_bias=cfg.bn_drop_bias, process_group=self.dp_group, **norm_kw)
+            net = StackedMLP(inits, spec.variants, activation=cfg.activation, sync_bn=sync_bn,
+                             drop_bias=cfg.bn_drop_bias, process_group=group, **norm_kw)
         else:
             (norm,) = spec.variants
             net = reference_mlp(inits[0], norm, activation=cfg.activation, drop_bias=cfg.bn_drop_bias,
                                 **norm_kw).to(self.device)
-            if self.sync_bn and norm == "bn":
-                net = convert_sync_bn(net, self.backend, self.dp_group)
-            if self.sync_bn and norm == "brn":
+            if sync_bn and norm == "bn":
+                net = convert_sync_bn(net, self.backend, group)
+            if sync_bn and norm == "brn":
                 for m in net.modules():
                     if isinstance(m, BatchRenorm1d):
-                        m.sync, m.process_group = True, self.dp_group
+                        m.sync, m.process_group = True, group
         return net.to(self.device)
 
     def _grouping(self, nets: list[nn.Module]) -> list[list[int]]:
