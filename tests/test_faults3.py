@@ -12,12 +12,15 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 
 import pytest
 
 from bnbench import cli, main_job
 from bnbench.config import ConfigError
+from bnbench.dist.launch import LaunchOutput
+from bnbench.faults import LOST_PEER
 from bnbench.store.results import ResultsWriter, read_results
 from bnbench.sweeps.plan import load_sweep, plan
 
@@ -311,6 +314,120 @@ def test_machine_1_does_not_point_at_results_it_never_writes(tmp_path, capsys, m
                           "127.0.0.1", "--main_process_port", "29500", "--seeds", "0", "--out", tmp_path / "o",
                           capsys=capsys)
     assert rc == 1 and "the launch failed (exit 1)" in err and "Completed epochs" not in err, err
+
+
+# -- 6, 11: what a failed launch shows -------------------------------------------------------------------
+# The launcher's stderr as ./launch.sh received it (captured 2026-12-07, torch 2.14.1, accelerate 1.15.0;
+# the launcher's traceback cut to its first and last frames).
+ELASTIC = """E1207 12:25:31.524000 29678 .venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: {code}) local_rank: 0 (pid: 29765) of binary: /work/main/.venv/bin/python
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "/work/main/.venv/lib/python3.11/site-packages/torch/distributed/launcher/api.py", line 386, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
+============================================================
+bnbench FAILED
+------------------------------------------------------------
+Failures:
+{others}
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-07_12:25:31
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : {code} (pid: 29765) 
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+SIGTERMED = """[1]:
+  time      : 2026-12-07_12:28:31
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -15 (pid: 30995)  (SIGTERM)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID 30995"""
+REFUSED = "rank 1 started with other settings than rank 0: rank 1: epochs = 2 (rank 0: 1). Start every machine with the same options."
+NO_DATA = """mnist: missing train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]
+  looked in: /root/.cache/bnbench/downloads, /root/.cache/bnbench/downloads/MNIST/raw, /root/.cache/bnbench/downloads/MNIST
+  download failed: RuntimeError: Error downloading train-images-idx3-ubyte.gz:
+Tried https://ossci-datasets.s3.amazonaws.com/mnist/, got:
+<urlopen error [Errno -2] Name or service not known>
+
+  fix: put the four IDX files (gzipped or not) in a folder, flat or as MNIST/raw/, and pass --data-root DIR or set BNBENCH_DATA_ROOT=DIR
+"""
+PEER_TRACEBACK = """[rank1]: Traceback (most recent call last):
+[rank1]:   File "/work/main/.venv/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py", line 6371, in barrier
+[rank1]:     work.wait()
+[rank1]: RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:10137. This is typically caused by a remote worker crashing. Check the logs of the remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f
+W1207 12:28:31.623000 30989 .venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 30995 closing signal SIGTERM
+"""
+CRASH = """[rank1]: Traceback (most recent call last):
+[rank1]:   File "/tmp/exp/crash.py", line 6, in <module>
+[rank1]:     {}["no such key"]
+[rank1]:     ~~^^^^^^^^^^^^^^^
+[rank1]: KeyError: 'no such key'
+""" + PEER_TRACEBACK.replace("[rank1]", "[rank0]")
+BAR = ["\r  0%|          | 0/200 [00:00<?, ?step/s]", "\repoch 1/2:  22%|\u2588\u2588\u258f       | 45/200 [00:00<00:01, 106.45step/s]",
+       "\r" + " " * 60 + "\r", "    epoch    variant  train_loss\n", "\repoch 1/2 eval:  50%|\u2588\u2588\u2588\u2588\u2588     | 100/200"]
+
+
+def relayed(text: str, explained=None, chunk: int = 7) -> tuple[str, LaunchOutput, list[str]]:
+    """`text` through LaunchOutput in chunks of `chunk` characters, as reads of a pipe cut it: what is shown,
+    the LaunchOutput, the unknown exceptions it held."""
+    shown = []
+    out = LaunchOutput(shown.append)
+    for i in range(0, len(text), chunk):
+        out.feed(text[i:i + chunk])
+    unknown = out.end(bool(out.errors) if explained is None else explained)
+    return "".join(shown), out, unknown
+
+
+def test_a_failed_launch_shows_each_ranks_error_once_and_hides_only_what_restates_it():
+    # Two machines started with other settings: each machine's rank refuses, then torch-elastic's summary.
+    shown, out, unknown = relayed(f"bnbench [rank 0]: error: {REFUSED}\n"
+                                  + ELASTIC.format(code=2, others="  <NO_OTHER_FAILURES>"))
+    assert shown == f"bnbench: error: {REFUSED}\n" and out.exit_codes() == [2, 2] and unknown == []
+    # One machine, --nproc 2: rank 0's error of several lines, rank 1 repeating it, rank 1 losing its peer
+    # (torch's [rank1]: traceback, or bnbench's own line for it), the launcher's SIGTERM to it.
+    rank1 = "".join(f"bnbench [rank 1]: error: {line}" if i == 0 else line
+                    for i, line in enumerate(NO_DATA.splitlines(keepends=True)))
+    lost = f"bnbench [rank 1]: error: {LOST_PEER}: the output of the other processes or machines says why. Rerun\n"
+    shown, out, unknown = relayed(f"bnbench [rank 0]: error: {NO_DATA}{rank1}{lost}{PEER_TRACEBACK}"
+                                  + ELASTIC.format(code=2, others=SIGTERMED))
+    assert shown == f"bnbench: error: {NO_DATA}" and 2 in out.exit_codes() and unknown == []
+    # A peer lost is said at the end, once, and only where no rank refused (it may come before the refusal).
+    assert relayed(lost + f"bnbench [rank 0]: error: {REFUSED}\n")[0] == f"bnbench: error: {REFUSED}\n"
+    shown, out, unknown = relayed(lost + PEER_TRACEBACK + ELASTIC.format(code=1, others=SIGTERMED))
+    assert shown == lost.replace("bnbench [rank 1]", "bnbench") and unknown == []
+    # Anything else is shown whole, in order: a rank's unknown exception, and torch's summary of it.
+    crash = CRASH + ELASTIC.format(code=1, others=SIGTERMED)
+    shown, out, unknown = relayed(crash, explained=True)
+    assert shown == crash and unknown == ["KeyError: 'no such key'"]
+    # A progress bar goes through unchanged, each update as it comes, not at the end of its line.
+    shown, out = [], LaunchOutput(lambda text: shown.append(text))
+    for update in BAR:
+        out.feed(update)
+        assert "".join(shown) == "".join(BAR[:BAR.index(update) + 1])
+    # A traceback that the run outlives, going on printing, was not its end: shown then, not held to the end.
+    out.feed("Exception ignored in: <function f>\nTraceback (most recent call last):\nValueError: x\n")
+    out.feed("\repoch 1/2:  60%|\u2588\u2588\u2588\u2588\u2588\u2588    | 120/200")
+    assert "ValueError" not in "".join(shown)
+    out.tick(time.monotonic() + LaunchOutput.HOLD_S + 1)
+    assert "Exception ignored in: <function f>\nTraceback (most recent call last):\nValueError: x\n" in "".join(shown)
+
+
+def test_a_port_in_use_on_the_main_machine_is_one_line_before_any_process(tmp_path, capsys, no_process):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, out, err = launch("--cpu", "--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
+                              "--main_process_port", port, "--out", tmp_path / "o", capsys=capsys)
+    assert rc == 2 and err == (f"bnbench: error: --main_process_port {port} is in use on this machine (another launch, or "
+                               "another program): stop that, or start every machine with another --main_process_port\n")
+    assert not (tmp_path / "o").exists()
 
 
 # -- 12: a closed pipe -------------------------------------------------------------------------------

@@ -247,4 +247,6 @@ def test_a_sigterm_while_the_failure_is_recorded_still_records_it(tmp_path, acce
     finally:
         signal.signal(signal.SIGTERM, old)
     (meta,) = json.loads((tmp_path / "meta.json").read_text())["runs"].values()
-    assert meta["status"] == "failed" and "Connection closed by peer" in meta["error"]
+    # Issue 29: the reason in plain words, gloo's own beside it.
+    assert meta["status"] == "failed" and meta["error"] == "a peer process or machine was lost (the connection closed)"
+    assert meta["detail"] == "RuntimeError: Connection closed by peer"

@@ -36,8 +36,9 @@ from .config import (
 )
 from . import versions
 from .files import disk_fault
-from .store.folder import FolderBusy
-from .dist.launch import SWEEP_CHILD_ENV, LaunchError, die_with_parent, launched_rank, launched_world
+from .store.folder import FolderBusy, remove_untouched, snapshot
+from .dist.launch import SWEEP_CHILD_ENV, LaunchError, die_with_parent, launched_as_started, launched_rank, launched_world
+from .faults import LOST_PEER, lost_peer
 from .store.tracking import check_trackers
 
 
@@ -257,14 +258,24 @@ def cmd_run(a) -> int:
         import torch
 
         device = "cpu" if cfg.cpu or not torch.cuda.is_available() else torch.device("cuda")
-    preflight(a, cfg, out, world, 1, device)  # before any folder or process is made
+    # Before any folder or process is made. Not in a world that this machine's ./launch.sh did not ask for:
+    # its layout would be refused for the wrong reason; the ranks name the machines' difference (groups.same_launch).
+    if launched_as_started():
+        preflight(a, cfg, out, world, 1, device)
     child = bool(os.environ.get(SWEEP_CHILD_ENV))
     if child:
         die_with_parent(signal.SIGTERM)  # a sweep killed with -9 takes its units down with it
     trackers = check_trackers(a.log_with.split(",")) if a.log_with else None
     setup = Setup(data_root=a.data_root, dist_timeout=a.dist_timeout, log_with=trackers,
                   logging_dir=a.logging_dir or (str(out) if trackers else None))
-    run_id = training_function(cfg, out, setup, quiet=a.quiet, hold_lock=not child)
+    writes = launched_rank() == 0 and not child  # a sweep's unit: the sweep owns the folder
+    before = snapshot(out) if writes else None
+    try:
+        run_id = training_function(cfg, out, setup, quiet=a.quiet, hold_lock=not child)
+    except BaseException:
+        if writes:  # refused on a rank (machines started differently) or stopped before anything was written
+            remove_untouched(out, before)
+        raise
     if launched_world() > 1:
         setup.accelerator.end_training()  # the process group ends with the run (NCCL warns at exit otherwise)
     if launched_rank() != 0:
@@ -362,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     except (LaunchError, FolderBusy) as e:
         print(f"{who}: error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        kept = "; completed epochs are in results.jsonl" if launched_rank() == 0 and args.command == "run" else ""
+        print(f"{who}: error: {LOST_PEER}: the output of the other processes or machines says why{kept}. "
+              "Rerun once every machine is up", file=sys.stderr)
+        return 1
     except OSError as e:
         fault = disk_fault(e)
         if fault is None:
@@ -371,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         kept = "completed units are kept; rerun the sweep to resume" if args.command == "sweep" else "completed epochs are in results.jsonl"
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"{who}: {how}; {kept}", file=sys.stderr)
+        # Only rank 0 writes the results: the other ranks (machine 1's all) have none to point at.
+        print(f"{who}: {how}; {kept}" if launched_rank() == 0 else f"{who}: {how}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
 
 

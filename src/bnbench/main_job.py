@@ -5,9 +5,13 @@ One process runs `bnbench run` in this process; several go through accelerate_co
 from __future__ import annotations
 
 import argparse
+import codecs
+import errno
 import os
 import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +19,8 @@ import time
 
 from . import cli, versions
 from .config import ConfigError
-from .dist.launch import MACHINE_OPTIONS, accelerate_command, die_with_parent
+from .dist.launch import LAUNCH_ENV, MACHINE_OPTIONS, LaunchOutput, accelerate_command, die_with_parent
+from .faults import LOST_PEER
 from .dist.layout import SYNC_BN_DP1
 
 HELP = """\
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             return cli.main(["run", *run_args])
         cfg = cli.config_from_args(options)
         layout = cli.preflight(options, cfg, out, total, nproc, "cpu" if cpu else None)
+        _check_port(a)
         cmd, env = accelerate_command(total, run_args, a.num_machines, cpu, machine_args, gpus, options.dist_timeout)
     except ConfigError as e:
         print(f"bnbench: error: {e}", file=sys.stderr)
@@ -87,20 +93,26 @@ def main(argv: list[str] | None = None) -> int:
           f"{'CPU, gloo' if cpu else 'GPU, nccl'}", file=sys.stderr)
     if options.sync_bn and layout.dp == 1:
         print(f"launch.sh: {SYNC_BN_DP1}", file=sys.stderr)
+    # Every machine's ranks compare these with rank 0's (dist/groups.py: same_launch): a machine started
+    # with another --nproc or --num_machines is refused there, by name.
+    env = {**env, LAUNCH_ENV: f"--nproc {nproc} --num_machines {a.num_machines}"}
+    # The launcher's stderr (its ranks' too) passes through us: a failed launch's tracebacks are held
+    # there and dropped when a rank said why in its own line (dist/launch.py: LaunchOutput). On a terminal
+    # it is a pseudo-terminal, so that the ranks still draw their progress bar.
+    read_fd, child_err, child_out = _output_channel()
+    output = LaunchOutput(_to_stderr)
     # The launcher dies with us, even by SIGKILL: its agent would otherwise keep its ranks and port.
-    # Several machines: its stderr passes through us, to turn a rendezvous that never completes
-    # into one line (on one machine it stays the terminal's, and the progress bar with it).
-    several = a.num_machines > 1
     # Its own process group: a Ctrl-C at the terminal, a `kill -INT` of launch.sh and a SIGTERM to it all reach
     # the launcher once, passed on by us (a Ctrl-C used to reach it twice over, a `kill -INT` never).
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stderr=subprocess.PIPE if several else None,
-                            text=True, bufsize=1, preexec_fn=lambda: die_with_parent(signal.SIGTERM), process_group=0)
+    try:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=child_out, stderr=child_err,
+                                preexec_fn=lambda: die_with_parent(signal.SIGTERM), process_group=0)
+    finally:
+        os.close(child_err)
     terminated, interrupted = [], []
     signal.signal(signal.SIGTERM, lambda signum, frame: (terminated.append(signum), proc.send_signal(signal.SIGTERM)))
-    seen: list[str] = []
-    relay = threading.Thread(target=_relay, args=(proc.stderr, seen), daemon=True)
-    if several:
-        relay.start()
+    relay = threading.Thread(target=_pump, args=(read_fd, output), daemon=True)
+    relay.start()
     while True:
         try:
             rc = proc.wait()
@@ -108,19 +120,98 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             interrupted.append(signal.SIGINT)
             proc.send_signal(signal.SIGINT)  # the launcher winds its ranks down
-    if several:
-        relay.join(timeout=10)
+    relay.join(timeout=10)
+    signal.signal(signal.SIGWINCH, signal.SIG_DFL)  # the pseudo-terminal's size is no longer followed
     # Only the main machine (machine rank 0) writes the results folder.
     kept = f" Completed epochs are in {out}/results.jsonl" if int(a.machine_rank or 0) == 0 else ""
     if (terminated or interrupted) and rc != 0:  # stopped by us, not done before the signal came
+        output.end(explained=True)
         how = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"launch.sh: {how}; the ranks were stopped.{kept}", file=sys.stderr)
         return 143 if terminated else 130
-    if rc != 0:
-        rendezvous = _rendezvous_failure(seen, a, options.dist_timeout)
-        print(rendezvous or f"launch.sh: the launch failed (exit {rc}); the failing rank is named above.{kept}",
-              file=sys.stderr)
+    if rc == 0:
+        output.end(explained=False)  # anything held is shown: nothing failed that would explain it
+        return 0
+    port = _port_failure(output.notes, a)
+    rendezvous = _rendezvous_failure(output.notes, a, options.dist_timeout)
+    codes = output.exit_codes()
+    # A rank's refusal explains the failure; a lost peer only where no rank ended otherwise than with
+    # bnbench's line or the launcher's SIGTERM (a rank killed by a signal is news: the summary is shown).
+    refused = [m for m in output.errors if not m.startswith(LOST_PEER)]
+    explained = bool(port or rendezvous or refused or (output.errors and set(codes) <= {1, -15}))
+    output.end(explained)
+    if port or rendezvous:
+        print(port or rendezvous, file=sys.stderr)
+        return 2 if port else rc
+    if explained:  # the ranks' own lines, shown once each as they came; 2: they refused the settings
+        return 2 if 2 in codes else rc
+    print(f"launch.sh: the launch failed (exit {rc}); the failing rank is named above.{kept}", file=sys.stderr)
     return rc
+
+
+def _output_channel() -> tuple[int, int, int | None]:
+    """(our read end, the launcher's stderr, the launcher's stdout or None to share ours).
+
+    On a terminal, a pseudo-terminal of its size: the ranks see a terminal (their progress bar is drawn,
+    stdout stays line-buffered), and bytes pass unchanged (no output processing). Where our stdout is
+    that same terminal, the launcher's stdout shares the pseudo-terminal, so that the bar's redraws and
+    the lines printed above it keep their order. Elsewhere a pipe, for stderr only.
+    """
+    if not _on_terminal(sys.stderr):
+        read_fd, write_fd = os.pipe()
+        return read_fd, write_fd, None
+    import termios
+
+    master, slave = os.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.OPOST
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    _copy_size(master)
+    signal.signal(signal.SIGWINCH, lambda signum, frame: _copy_size(master))
+    same = _on_terminal(sys.stdout) and os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+    return master, slave, slave if same else None
+
+
+def _on_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _copy_size(master: int) -> None:
+    import fcntl
+    import termios
+
+    try:
+        fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(sys.stderr.fileno(), termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        pass
+
+
+def _pump(fd: int, output: LaunchOutput) -> None:
+    """Read the launch's output as it comes into `output`; every second without any, let it release what waited."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        while True:
+            if not select.select([fd], [], [], 1.0)[0]:
+                output.tick()
+                continue
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: every holder of the pseudo-terminal's other end is gone
+                data = b""
+            if not data:
+                break
+            output.feed(decoder.decode(data))
+        output.feed(decoder.decode(b"", final=True))
+    finally:
+        os.close(fd)
+
+
+def _to_stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 def _check_machines(a) -> None:
@@ -135,13 +226,29 @@ def _check_machines(a) -> None:
         raise ConfigError(f"--main_process_port {a.main_process_port}: a TCP port, 1 .. 65535")
 
 
-def _relay(stream, seen: list[str]) -> None:
-    """The launcher's stderr, passed through line by line as it comes; the lines kept for _rendezvous_failure."""
-    for line in stream:
-        sys.stderr.write(line)
-        sys.stderr.flush()
-        if "Dist" in line and "Error" in line:
-            seen.append(line)
+def _check_port(a) -> None:
+    """Machine 0 of several listens at --main_process_port; taken there, accelerate would fail in a traceback."""
+    if a.num_machines == 1 or int(a.machine_rank or 0) != 0 or a.main_process_port is None:
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds: a closing socket is no user
+        try:
+            s.bind(("", int(a.main_process_port)))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(_port_message(a)) from None
+
+
+def _port_message(a) -> str:
+    return (f"--main_process_port {a.main_process_port} is in use on this machine (another launch, or another "
+            f"program): stop that, or start every machine with another --main_process_port")
+
+
+def _port_failure(lines: list[str], a) -> str | None:
+    """One line for a port taken between our check and the launcher's."""
+    if any("utilizing it" in x or "EADDRINUSE" in x for x in lines):
+        return f"bnbench: error: {_port_message(a)}"
+    return None
 
 
 def _rendezvous_failure(lines: list[str], a, timeout: float) -> str | None:

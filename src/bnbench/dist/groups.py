@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError
-from .launch import LaunchError, launched_rank, launched_world
+from .launch import LAUNCH_ENV, LaunchError, launched_rank, launched_world
 from .layout import Layout
 
 
@@ -78,7 +78,29 @@ def check_world(accelerator) -> int:
             f"bnbench trains with DDP; Accelerate is configured for {accelerator.distributed_type.value}. "
             "Run `accelerate config` for multi-GPU/multi-CPU DDP, or launch with --multi_gpu."
         )
+    same_launch(world_size)
     return world_size
+
+
+def same_launch(world_size: int) -> None:
+    """Every machine was started with rank 0's --nproc and --num_machines (./launch.sh puts them in LAUNCH_ENV).
+    Torch's launcher accepts machines of different sizes and a world none of them asked for (--nproc 1 and 2:
+    3 processes), and each machine's launcher printed a layout that is not the run's. Before any layout is
+    chosen: a layout's own refusal would name the wrong problem."""
+    if world_size == 1 or not dist.is_initialized():
+        return
+    every = [None] * world_size
+    dist.all_gather_object(every, os.environ.get(LAUNCH_ENV))  # every rank, set or not: all take part
+    differ = [r for r, x in enumerate(every) if x != every[0]]
+    if differ:
+        _all_know()
+
+        def how(x):
+            return x or "another launcher than ./launch.sh"
+
+        raise ConfigError(f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} started with "
+                          f"{how(every[differ[0]])}, rank 0 with {how(every[0])}: start every machine with the same "
+                          "--nproc and --num_machines")
 
 
 @dataclass
@@ -136,7 +158,8 @@ def make_mesh(layout: Layout, rank: int) -> Mesh:
 def same_settings(settings: dict, mesh: Mesh) -> None:
     """Every rank runs what rank 0 runs. Machines started with other options (a typo on one of them)
     stop here, right after set-up and before anything is written, with one line naming the difference
-    (otherwise rank 0 finished and hung while the other died with gloo's `Connection closed by peer`)."""
+    (otherwise rank 0 finished and hung while the other died with gloo's `Connection closed by peer`).
+    A ConfigError (exit status 2): the settings are refused, as the launcher refuses what it can check."""
     if mesh.layout.world == 1 or not dist.is_initialized():
         return
     every = [None] * mesh.layout.world
@@ -145,10 +168,20 @@ def same_settings(settings: dict, mesh: Mesh) -> None:
     differ = {r: [k for k in sorted(set(s) | set(first)) if s.get(k) != first.get(k)] for r, s in enumerate(every)}
     differ = {r: keys for r, keys in differ.items() if keys}
     if differ:
+        _all_know()
         r, keys = next(iter(differ.items()))
         what = ", ".join(f"{k} = {every[r].get(k)!r} (rank 0: {first.get(k)!r})" for k in keys[:4])
-        raise LaunchError(f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} started with other "
+        raise ConfigError(f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} started with other "
                           f"settings than rank 0: rank {r}: {what}. Start every machine with the same options.")
+
+
+def _all_know() -> None:
+    """Every rank refuses together: none leaves before all have the comparison (one that left early made
+    a slower one fail with gloo's `Connection closed by peer` instead of naming the difference)."""
+    try:
+        dist.barrier()
+    except RuntimeError:  # a peer gone after it compared: the refusal stands
+        pass
 
 
 def from_first(obj, mesh: Mesh):

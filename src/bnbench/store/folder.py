@@ -218,3 +218,62 @@ def end_torn_line(fd: int, path: Path) -> None:
                 os.write(fd, b"\n")
 
 
+
+
+def snapshot(out_dir: str | os.PathLike) -> tuple[Path, frozenset[str] | None]:
+    """What a results folder holds before a run: (the outermost folder of its path that does not exist yet,
+    or the folder itself; its entries, or None where it does not exist). For remove_untouched."""
+    path = Path(out_dir)
+    if path.is_dir():
+        return path, frozenset(os.listdir(path))
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top, None
+
+
+def remove_untouched(out_dir: str | os.PathLike, before: tuple[Path, frozenset[str] | None]) -> list[str]:
+    """After a run that ended before writing anything (a refusal on a rank, an interrupted set-up): remove
+    the empty results file, instruments file and lock it made, and the folders it made, so that a refused
+    command leaves nothing behind. Nothing that was there before, nothing once anything else was written
+    (meta.json: the run was recorded), and nothing while another process holds the folder. The paths removed."""
+    path, (top, entries) = Path(out_dir), before
+    try:
+        now = set(os.listdir(path))
+    except OSError:
+        return []
+    made = now - (entries or set())
+    if not made <= {RESULTS_FILE, INSTRUMENTS_FILE, LOCK_FILE}:
+        return []
+    removed = []
+    try:
+        if any((path / name).stat().st_size for name in made - {LOCK_FILE}):
+            return []
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644) if LOCK_FILE in now else -1
+    except OSError:
+        return []
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another run or a sweep uses the folder: what we made may be its too
+                return []
+        for name in sorted(made):
+            with contextlib.suppress(OSError):
+                (path / name).unlink()
+                removed.append(str(path / name))
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if entries is None:  # the folders this run made, innermost first, each only if empty
+        folder = path
+        while True:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            removed.append(str(folder))
+            if folder == top:
+                break
+            folder = folder.parent
+    return removed

@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..faults import LOST_PEER, lost_peer
 from ..files import write_json_atomic
 from .folder import META_FILE
 from .provenance import process_alive, process_identity, utcnow
@@ -113,8 +114,12 @@ class RunRecord:
     def ended_by(self, error: BaseException) -> None:
         """Record how a run that raised ended: interrupted (Ctrl-C, SIGTERM) or failed."""
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        raw = f"{type(error).__name__}: {error}"
+        # gloo's own words for a lost peer (a source line, an address, "GLHF!") say nothing to a reader:
+        # the reason in plain words, the raw text beside it.
+        why = {"error": LOST_PEER, "detail": raw} if lost_peer(error) else {"error": raw}
         try:
-            self.finish(status, error=f"{type(error).__name__}: {error}")
+            self.finish(status, **why)
         except OSError as e:  # a full disk: the error that ended the run is the one to report
             print(f"bnbench: warning: could not record status {status!r} in {Path(self.out_dir) / META_FILE}: "
                   f"{e.strerror or e}", file=sys.stderr)
