@@ -3,7 +3,7 @@
 #   ./launch.sh [--nproc N] [--cpu] [RUN OPTIONS]
 #                            the lab's benchmark: 5 seeds x {BN, no-BN} x 15 epochs on MNIST, then its report.
 #                            --nproc N: N processes per machine under `accelerate launch` (default one per
-#                            visible GPU, else one per CPU core), as seed groups x --dp N data-parallel groups (default: as many
+#                            visible GPU, else 1), as seed groups x --dp N data-parallel groups (default: as many
 #                            seed groups as fit); --cpu: CPU processes (gloo). Multi-machine: --num_machines,
 #                            --machine_rank, --main_process_ip, --main_process_port, as accelerate launch takes them.
 #                            Any other option goes to `bnbench run` (bnbench run --help).

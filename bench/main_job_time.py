@@ -1,15 +1,14 @@
-"""`time ./launch.sh` on this CPU machine: one process of all the cores' threads against one seed group per core
-(issue 32, "the main job on every core").
+"""`time ./launch.sh` on this CPU machine: one process of all the cores' threads (the default) against one seed
+group per core (`--nproc N --cpu`, N the usable cores) (issue 32, "the main job on every core").
 
     .venv/bin/python bench/main_job_time.py [--pairs 3] [--out reports/bench/main_job_time.json]
 
-Runs the main job as a user runs it, alternating `./launch.sh --nproc 1` (the default before) and
-`./launch.sh` (the default now: dist/layout.py cpu_processes), `--pairs` times each, every run into
-a temporary folder, and records per run: the wall time from the command's start to its exit
-(start-up, data, 15 epochs, evaluation and the report included), the training seconds its rows
-record (the slowest seed group's, summed over the epochs), the layout it printed, and whether its
-rows equal the first run's bit for bit (what seed groups promise). Alternating pairs, because this
-shared VM's speed drifts by 15-50% over an hour: a ratio is read within a pair.
+Runs the main job as a user runs it, alternating the two, `--pairs` times each, every run into a
+temporary folder, and records per run: the wall time from the command's start to its exit (start-up,
+data, 15 epochs, evaluation and the report included), the training seconds its rows record (the
+slowest seed group's, summed over the epochs), the layout it printed, and whether its rows equal the
+first run's bit for bit (what seed groups promise). Alternating pairs, because this shared VM's speed
+drifts by 15-50% over an hour: a ratio is read within a pair.
 """
 from __future__ import annotations
 
@@ -26,7 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = {"one process (--nproc 1)": ["--nproc", "1"], "default (one seed group per core)": []}
+CORES = len(os.sched_getaffinity(0))
+CASES = {"one process (the default)": [], f"one seed group per core (--nproc {CORES} --cpu)": ["--nproc", str(CORES), "--cpu"]}
 SAME = ["variant", "seed", "epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
 
 

@@ -21,20 +21,17 @@ from . import cli, versions
 from .config import ConfigError
 from .dist.launch import LAUNCH_ENV, MACHINE_OPTIONS, LaunchOutput, accelerate_command, die_with_parent
 from .faults import LOST_PEER
-from .dist.layout import SYNC_BN_DP1, cpu_processes
+from .dist.layout import SYNC_BN_DP1
 
 HELP = """\
 usage: ./launch.sh [--nproc N] [--cpu] [--num_machines M --machine_rank R --main_process_ip IP
                    --main_process_port P] [--out DIR] [RUN OPTIONS]
 
 The lab's benchmark: 5 seeds x {BN, no-BN} x 15 epochs on MNIST, then its report.
-  --nproc N     N processes per machine under `accelerate launch` (default one per visible GPU;
-                on one CPU machine one per usable core, at most one per member: seed groups of one
-                thread each, measured faster with the same rows; several machines: 1; --nproc 1:
-                one process of all the threads). All processes form seed groups x data-parallel
-                groups: seed groups train shares of the members apart, --dp N processes train a
-                group's members together (DDP). Default: as many seed groups as fit (8 processes:
-                8 seed groups x dp 1)
+  --nproc N     N processes per machine under `accelerate launch` (default one per visible GPU,
+                else 1). All processes form seed groups x data-parallel groups: seed groups train
+                shares of the members apart, --dp N processes train a group's members together
+                (DDP). Default: as many seed groups as fit (8 processes: 8 seed groups x dp 1)
   --cpu         CPU processes (gloo), even when GPUs are visible
   --num_machines, --machine_rank, --main_process_ip, --main_process_port
                 several machines, as accelerate launch takes them
@@ -62,20 +59,6 @@ def main_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_nproc(options, cpu: bool, gpus: int, machines: int) -> int:
-    """Processes per machine without --nproc: one per GPU; on one CPU machine one seed group per usable
-    core (dist/layout.py cpu_processes: measured faster, rows bitwise the same); with several machines
-    one each, since every machine must start the same number and their cores may differ."""
-    if not cpu:
-        return max(gpus, 1)
-    if machines > 1:
-        return 1
-    nproc, why_one = cpu_processes(cli.config_from_args(options), len(os.sched_getaffinity(0)))
-    if why_one:
-        print(f"launch.sh: one process, not one per core: {why_one}", file=sys.stderr)
-    return nproc
-
-
 def main(argv: list[str] | None = None) -> int:
     a, run_args = main_parser().parse_known_args(argv)
     if a.help:
@@ -85,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gpus = 0 if a.cpu else torch.cuda.device_count()
     cpu = a.cpu or gpus == 0
+    nproc = a.nproc or max(gpus, 1)
+    total = nproc * a.num_machines
     out = a.out or f"runs/lab-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     run_args = ["--out", out, "--report", *(["--cpu"] if cpu else []), *run_args]
     machine_args = [x for o in MACHINE_OPTIONS if getattr(a, o[2:]) is not None for x in (o, getattr(a, o[2:]))]
@@ -95,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         versions.check()
         _check_machines(a)
-        nproc = a.nproc or _default_nproc(options, cpu, gpus, a.num_machines)
-        total = nproc * a.num_machines
         if total == 1:
             return cli.main(["run", *run_args])
         cfg = cli.config_from_args(options)
@@ -149,13 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     if rc == 0:
         output.end(explained=False)  # anything held is shown: nothing failed that would explain it
         return 0
-    port = _port_failure(output.notes, a)
-    rendezvous = _rendezvous_failure(output.notes, a, options.dist_timeout)
+    # Machines that never met, or a port taken between machines: diagnoses of several machines only (on one
+    # machine the port is a free one chosen here, and a store error there is news, shown whole).
+    several = a.num_machines > 1
+    port = _port_failure(output.notes, a) if several else None
+    rendezvous = _rendezvous_failure(output.notes, a, options.dist_timeout) if several else None
     codes = output.exit_codes()
     # A rank's refusal explains the failure; a lost peer only where no rank ended otherwise than with
     # bnbench's line or the launcher's SIGTERM (a rank killed by a signal is news: the summary is shown).
     refused = [m for m in output.errors if not m.startswith(LOST_PEER)]
-    explained = bool(port or rendezvous or refused or (output.errors and set(codes) <= {1, -15}))
+    explained = bool(port or rendezvous or refused or (output.errors and codes and set(codes) <= {1, -15}))
     output.end(explained)
     if port or rendezvous:
         print(port or rendezvous, file=sys.stderr)

@@ -59,26 +59,6 @@ SYNC_BN_DP1 = ("--sync-bn with dp 1: each process holds its members' whole batch
                "the global batch; give --dp N to spread a batch over N processes")
 
 
-def cpu_processes(cfg: Config, cores: int) -> tuple[int, str | None]:
-    """(processes, why only one) for `./launch.sh` on one CPU machine without --nproc: one process per
-    usable core, never more seed groups than the run has members, each with one thread (Accelerate's
-    CPU default). Measured on this 2-core VM (docs/performance.md, bench/main_job_time.py): the lab's 10
-    members train 1.2-1.3x faster as 2 seed groups x 1 thread than as 1 process x 2 threads, with rows
-    bitwise equal. One process where several cannot run this config (the reason is returned)."""
-    members = len(cfg.variants) * len(cfg.seeds)
-    dp = cfg.dp or 1
-    world = dp * max(1, min(cores // dp, members))
-    if world < 2:
-        return 1, None
-    if cfg.instrument:
-        return 1, "--instrument measures in one process"
-    try:
-        check_launch(cfg, world, choose_layout(cfg, world).dp)
-    except ConfigError as e:
-        return 1, str(e)
-    return world, None
-
-
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
