@@ -70,10 +70,11 @@ def one(k: int) -> dict:
     eval_test_s = time.perf_counter() - t0
     steps = trainer.steps_per_epoch()
     # The draw of a batch from the whole set against a tenth of it: what the set's size costs a step.
-    idx = torch.randint(0, 6000, (cfg.batch_size * len(cfg.seeds),))
+    rows = cfg.batch_size * len(cfg.seeds)
+    idx_full, idx_tenth = torch.randint(0, splits.train_x.shape[0], (rows,)), torch.randint(0, 6000, (rows,))
     small = splits.train_x[:6000].clone()
-    draw_full = seconds(lambda: splits.train_x.index_select(0, idx), 50)
-    draw_tenth = seconds(lambda: small.index_select(0, idx), 50)
+    draw_full = seconds(lambda: splits.train_x.index_select(0, idx_full), 50)
+    draw_tenth = seconds(lambda: small.index_select(0, idx_tenth), 50)
     have = available_bytes("cpu")
     fit = int((SHARE * have - needed_bytes(cfg, 0, cfg.batch_size)) // member_bytes(cfg, cfg.batch_size)) if have else None
     return {"k": len(trainer.members), "threads": torch.get_num_threads(), "step_s": step_s, "steps_per_epoch": steps,

@@ -22,6 +22,9 @@ HERE = Path(__file__).resolve().parent
 BENCH = HERE / "bench" / "Linux-CPython-3.11-64bit"
 OUT = HERE / "bench" / "peers.png"
 CASE = "test_peer_step["
+# FLOP per member-sample of one step (bench/conftest.py FLOP_PER_MEMBER_SAMPLE): forward, weight gradients, the
+# input gradients of layers 2 and 3.
+STEP_FLOP = 2 * (2 * (784 * 32 + 32 * 32 + 32 * 10) + 32 * 32 + 32 * 10)
 # Drawing order and labels (bench/peers.py PEERS).
 LABELS = {
     "loop": "loop of nn models (K Adams)",
@@ -50,7 +53,9 @@ def rows(path: Path) -> list[dict]:
         out.append(dict(peer=info.get("peer", b.get("params", {}).get("peer")), k=k, member_samples_per_s=rate,
                         median_s=median, peak_bytes_per_member=info.get("peak_bytes_per_member"),
                         gflop_per_s=info.get("gflop_per_s"),
-                        arithmetic_limit=info.get("arithmetic_limit_member_samples_per_s")))
+                        # from the session's matmul rate and the FLOP a step does (runs before 2026-12-07 stored a
+                        # limit over 159 kFLOP, which counted a first-layer input gradient no step computes)
+                        arithmetic_limit=info["gflop_per_s"] * 1e9 / STEP_FLOP if info.get("gflop_per_s") else None))
     return sorted(out, key=lambda r: (list(LABELS).index(r["peer"]) if r["peer"] in LABELS else 99, r["k"]))
 
 

@@ -405,6 +405,14 @@ def test_a_failed_launch_shows_each_ranks_error_once_and_hides_only_what_restate
     crash = CRASH + ELASTIC.format(code=1, others=SIGTERMED)
     shown, out, unknown = relayed(crash, explained=True)
     assert shown == crash and unknown == ["KeyError: 'no such key'"]
+    # A reset connection restates a lost peer only as the collective's RuntimeError: a tracker's
+    # ConnectionResetError, or an exception class without the usual suffix, is news, shown whole.
+    for news in ("ConnectionResetError: [Errno 104] Connection reset by peer",
+                 "torch._dynamo.exc.BackendCompilerFailed: backend='inductor' raised", "StopIteration"):
+        tb = f"[rank0]: Traceback (most recent call last):\n[rank0]:   File \"x.py\", line 1, in <module>\n[rank0]: {news}\n"
+        crash = tb + lost + ELASTIC.format(code=1, others=SIGTERMED)
+        shown, out, unknown = relayed(crash, explained=True)
+        assert unknown == [news] and news in shown, (news, shown)
     # A progress bar goes through unchanged, each update as it comes, not at the end of its line.
     shown, out = [], LaunchOutput(lambda text: shown.append(text))
     for update in BAR:
@@ -413,9 +421,15 @@ def test_a_failed_launch_shows_each_ranks_error_once_and_hides_only_what_restate
     # A traceback that the run outlives, going on printing, was not its end: shown then, not held to the end.
     out.feed("Exception ignored in: <function f>\nTraceback (most recent call last):\nValueError: x\n")
     out.feed("\repoch 1/2:  60%|\u2588\u2588\u2588\u2588\u2588\u2588    | 120/200")
-    assert "ValueError" not in "".join(shown)
+    # the traceback ended at its exception's line: the bar goes on as it comes, the traceback is held
+    assert "ValueError" not in "".join(shown) and "".join(shown).endswith("| 120/200")
     out.tick(time.monotonic() + LaunchOutput.HOLD_S + 1)
-    assert "Exception ignored in: <function f>\nTraceback (most recent call last):\nValueError: x\n" in "".join(shown)
+    assert "".join(shown).endswith("Traceback (most recent call last):\nValueError: x\n")
+    # A rank's prefix alone (torch prefixes its warnings) starts no traceback: what follows is not held.
+    shown, out = [], LaunchOutput(lambda text: shown.append(text))
+    out.feed("[rank0]:[W1207 13:00:00.000000000 ProcessGroupGloo.cpp:516] Warning: unable to resolve hostname\n")
+    out.feed("    epoch    variant  train_loss\n")
+    assert "".join(shown).endswith("    epoch    variant  train_loss\n")
 
 
 def test_a_port_in_use_on_the_main_machine_is_one_line_before_any_process(tmp_path, capsys, no_process):

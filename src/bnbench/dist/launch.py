@@ -111,7 +111,13 @@ _LOG = re.compile(r"\[?([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+ ")  # torch's glog-styl
 _FAILING = re.compile(r"signal|retrying|failed|timed out|error", re.IGNORECASE)
 # Where a traceback starts: Python's, and C++'s (c10::Error's backtrace).
 _TRACEBACK = ("Traceback (most recent call last):", "Exception raised from ")
-_EXCEPTION = re.compile(r"(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt))(?::|$)(.*)")
+# An exception's line: its class by the usual suffixes, and the common ones without (a warning raised as an
+# error, torch.compile's failures, StopIteration).
+_EXCEPTION = re.compile(r"(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Warning|Failed)|Unsupported|"
+                        r"StopIteration|StopAsyncIteration)(?::|$)(.*)")
+# A lost peer restates bnbench's own line only as the collective's error; any other exception that mentions a
+# reset connection (a tracker's upload, say) is news.
+_LOST_PEER_KINDS = {"RuntimeError", "DistBackendError", "DistNetworkError"}
 # Exceptions that only restate a failure bnbench names in its own line: torch-elastic's summary of failed
 # ranks, its agent's rendezvous and signal errors (and, by their text, a peer gone: LOST_PEER_TEXT).
 _RESTATING = {"ChildFailedError", "SignalException", "DistNetworkError", "DistStoreError", "DistError",
@@ -211,13 +217,17 @@ class LaunchOutput:
             if self.repeat is not None:
                 return
         bare = _RANK_PREFIX.sub("", line, count=1)
-        if bare.startswith(_TRACEBACK) or _RANK_PREFIX.match(line):
-            self.in_traceback = True
+        if bare.startswith(_TRACEBACK):  # (a rank's prefix alone is no traceback: torch prefixes its warnings too)
+            self.in_traceback = bare.startswith(_TRACEBACK[0]) and "python" or "c++"
         log = _LOG.match(line)
         if self.in_traceback or _OUR_END.match(line) or (
                 log and (log.group(1) in "EF" or self.errors or self.held or _FAILING.search(line))):
             self.following = None
             self._hold(line + end)
+            # A Python traceback ends at its exception's line: what follows is the launch's own output again
+            # (except after torch-elastic's ChildFailedError, whose summary of the failed ranks follows it).
+            if self.in_traceback == "python" and (m := _EXCEPTION.match(bare.rstrip("\r\n"))) and m.group(1) != "ChildFailedError":
+                self.in_traceback = False
             if end == "\r":  # a bar's update: the launch goes on
                 self.alive_at = time.monotonic()
             return
@@ -239,7 +249,7 @@ class LaunchOutput:
             if m is None:
                 continue
             kind, rest = m.groups()
-            if kind in _RESTATING or any(t in rest for t in LOST_PEER_TEXT):
+            if kind in _RESTATING or (kind in _LOST_PEER_KINDS and any(t in rest for t in LOST_PEER_TEXT)):
                 continue
             found.append(bare)
         return found

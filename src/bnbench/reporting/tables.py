@@ -205,7 +205,7 @@ COST = "variant_samples_per_s"  # the cost probe's rate (train/cost.py): each va
 
 
 def cost_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    """What each variant costs: per setting and layout (the throughput table's keys) and variant, the cost
+    """What each variant costs: per configuration, setting and layout (the throughput table's keys) and variant, the cost
     probe's member-samples/s (each run's median over its rows, then the median and count over runs) and
     its ratio to the baseline variant's in the same setting. Empty unless rows carry it for two variants
     (rows written before the probe do not)."""
@@ -215,7 +215,8 @@ def cost_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     rows = df[df[COST].notna()]
     if rows["variant"].nunique() < 2:
         return pd.DataFrame(columns=cols)
-    keys = [k for k in THROUGHPUT_KEYS if k in rows]
+    # The configuration too: a probe's rate depends on the net (width, dtype, ...), which the throughput keys omit.
+    keys = [k for k in ("config", *THROUGHPUT_KEYS) if k in rows]
     runs = rows.groupby(["run_id", *keys, "variant"], dropna=False)[COST].median().reset_index()
     table = runs.groupby([*keys, "variant"], dropna=False)[COST].agg(["median", "count"]).reset_index()
     table = table.rename(columns={"median": COST, "count": "runs"})
@@ -391,7 +392,7 @@ def shown_costs(cost: pd.DataFrame, baseline: str) -> tuple[pd.DataFrame, str]:
                     "runs": cost["runs"]})
     shared = ", ".join(_setting(k, cost[k].iloc[0]) for k in same)
     text = ("What each variant costs to train: member-samples/s of that variant alone, as one stack of its run's shape "
-            "(its seeds in a process, the batch per process), timed for a few steps before training (the cost probe; "
+            "(all its seeds, the batch per process), timed for a few steps before training (the cost probe; "
             f"computation only, no collectives); the median over runs, and its ratio to {base}'s in the same setting "
             "(below 1: slower).")
     return t, f"{text} The runs' settings: {shared}." if shared else text

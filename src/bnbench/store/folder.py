@@ -49,12 +49,24 @@ class FolderLock:
         while True:
             try:
                 fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
-                return True
+                if self._current():
+                    return True
+                # The file we locked was removed meanwhile (remove_untouched after a refused run): lock the new one.
+                os.close(self.fd)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                continue
             except BlockingIOError:
                 # Brief holders (another run's repair, `bnbench status` probing) let go within ms.
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(0.05)
+
+    def _current(self) -> bool:
+        """Whether our descriptor is still the file at DIR/.lock (not one unlinked since we opened it)."""
+        try:
+            return os.fstat(self.fd).st_ino == os.stat(self.path).st_ino
+        except OSError:
+            return False
 
     def holder(self) -> str:
         try:

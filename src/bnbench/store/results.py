@@ -51,7 +51,7 @@ SCHEMA: dict[str, str] = {
     "train_loss_running": "mean mini-batch loss during the epoch (train mode)",
     "train_seconds": "wall time of the window's (epoch's) training steps, evaluation and instruments excluded (CUDA synchronised); the slowest seed group's",
     "samples_per_s": "member-samples per second in the window, all processes together: members x samples / train_seconds",
-    "variant_samples_per_s": "member-samples per second of this member's variant trained alone, as one stack of the run's shape (that variant's seeds in this process, the batch per process), timed for a few steps before training on this process (the cost probe: computation only, no collectives); null with --no-cost-probe or --compile (absent before 2026-12-07)",
+    "variant_samples_per_s": "member-samples per second of this member's variant trained alone, as one stack of the run's shape (all the run's seeds of that variant, whatever share this process trains; the batch per process), timed for a few steps before training on this process (the cost probe: computation only, no collectives); null with --no-cost-probe or --compile (absent before 2026-12-07)",
     "peak_rss_mb": "peak resident memory of a process so far, the largest over the processes, MiB",
     "peak_gpu_mb": "peak GPU memory allocated by torch so far, the largest over the processes, MiB (null on the CPU)",
     "members": "members in the run (all variants and seeds, over every seed group)",

@@ -3,8 +3,8 @@
 The variants of a run train together (bn and nobn in one stack, the others in stacks that share one
 optimizer and one backward: engine.Trainer.step), so the run's own clock (samples_per_s) cannot be cut
 into a time per variant. Before training, for each variant this process trains, the probe builds a
-stack of that variant alone with the run's shape (the process's seeds of that variant as members, the
-run's batch per process, the engine's grouping of optimizers), takes the step the run takes for it
+stack of that variant alone with the run's shape (all the run's seeds of that variant as members, whatever
+share this process trains, so that every variant is timed at one shape; the run's batch per process, the engine's grouping of optimizers), takes the step the run takes for it
 (step.py's choice: hand-written or autograd, Adam's direct call where verified) and times a few steps:
 member-samples per second of that variant trained alone on this process (rows: variant_samples_per_s).
 
@@ -45,17 +45,21 @@ def probe(trainer: Trainer, budget_s: float = BUDGET_S) -> tuple[dict[str, float
     # CPU's is the one to restore.
     with torch.random.fork_rng(devices=[]):
         for v in variants:
-            seeds = tuple(s for w, s in trainer.members if w == v)
+            # Every variant at one shape, in every process: all the run's seeds as one stack (what one process
+            # of the run holds), whatever share of them this process trains (seed groups split variant-major,
+            # so shares differ between variants, and a rate grows with the stack's size).
+            local = next(s for w, s in trainer.members if w == v)
             try:
-                rates[v] = _rate(trainer, v, seeds, budget_s)
+                rates[v] = _rate(trainer, v, tuple(trainer.cfg.seeds), budget_s, local)
             except torch.cuda.OutOfMemoryError:  # beside the run's own stacks it may not fit: not measured
                 rates[v] = None
                 torch.cuda.empty_cache()
     return rates, time.perf_counter() - t0
 
 
-def _rate(trainer: Trainer, variant: str, seeds: tuple[int, ...], budget_s: float) -> float:
-    """Member-samples/s of `variant`'s members `seeds` as one stack (or, reference engine, one net each)."""
+def _rate(trainer: Trainer, variant: str, seeds: tuple[int, ...], budget_s: float, local: int) -> float:
+    """Member-samples/s of `variant`'s members `seeds` as one stack (or, reference engine, one net each);
+    `local`: a seed of the variant this process trains (whose step the probe takes)."""
     cfg, n, b = trainer.cfg, len(seeds), trainer.local_batch
     if cfg.engine == "stacked":
         specs = [StackSpec(variant, slice(0, n), slice(0, n), seeds, (variant,), True)]
@@ -65,7 +69,7 @@ def _rate(trainer: Trainer, variant: str, seeds: tuple[int, ...], budget_s: floa
     nets = [trainer._build(spec, alone=True).train() for spec in specs]
     # The step the run takes for these members (a bn,nobn stack with sync BN takes autograd for both), and
     # the hand-written one only where it applies to, and passes its self-check on, the probe's own stack.
-    fused = trainer.step_impl(variant, seeds[0]) == "fused"
+    fused = trainer.step_impl(variant, local) == "fused"
     modules = [seam.Losses(net, fused and seam.hand_written(cfg, net, trainer.sync_bn)) for net in nets]
     groups = []
     for members in trainer._grouping(nets):  # the engine's optimizers: one for a stack, one per reference net
