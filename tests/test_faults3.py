@@ -405,6 +405,9 @@ def test_a_failed_launch_shows_each_ranks_error_once_and_hides_only_what_restate
     crash = CRASH + ELASTIC.format(code=1, others=SIGTERMED)
     shown, out, unknown = relayed(crash, explained=True)
     assert shown == crash and unknown == ["KeyError: 'no such key'"]
+    # Two ranks' copies of one error run into one line (a newline written apart): shown once all the same.
+    glued = relayed(f"bnbench [rank 1]: error: {REFUSED}bnbench [rank 2]: error: {REFUSED}\n\n")[0]
+    assert glued.strip("\n") == f"bnbench: error: {REFUSED}", glued
     # A reset connection restates a lost peer only as the collective's RuntimeError: a tracker's
     # ConnectionResetError, or an exception class without the usual suffix, is news, shown whole.
     for news in ("ConnectionResetError: [Errno 104] Connection reset by peer",

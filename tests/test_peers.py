@@ -238,11 +238,18 @@ def test_figure_and_table_from_a_saved_json(tmp_path):
     assert [r["peer"] for r in data][:3] == ["loop"] * 3 and [r["k"] for r in data][:3] == [1, 2, 4]
     table = figures.markdown_table(data, source="reports/bench/x.json")
     lines = table.splitlines()
-    assert "arithmetic limit 400,000 member-samples/s at 64 GFLOP/s" in lines[0]
+    # the limit from the session's matmul rate over the FLOP a step does (a stored limit is not used: runs before
+    # 2026-12-07 stored one over a FLOP count that was 1.46x too high)
+    limit = 64e9 / figures.STEP_FLOP
+    assert f"arithmetic limit {limit:,.0f} member-samples/s at 64 GFLOP/s" in lines[0] and figures.STEP_FLOP == 108_416
     head = lines[2]
     assert head.startswith("| K | loop | torch.func | torch.func + stats | bnbench autograd | bnbench fused |")
     k2 = next(line for line in lines if line.startswith("| 2 |"))
-    assert "| 2,000 | 20,000 | 16,000 | 30,000 | 40,000 | 2.0× | 2.5× | 20.0× | 10% |" in k2
+    assert f"| 2,000 | 20,000 | 16,000 | 30,000 | 40,000 | 2.0× | 2.5× | 20.0× | {100 * 40_000 / limit:.0f}% |" in k2
+    # several runs: the median of each case, the range kept
+    twice = figures.combine([data, [dict(r, member_samples_per_s=3 * r["member_samples_per_s"]) for r in data]])
+    fused2 = next(r for r in twice if (r["peer"], r["k"]) == ("stacked-fused", 2))
+    assert fused2["member_samples_per_s"] == 80_000 and (fused2["low"], fused2["high"], fused2["runs"]) == (40_000, 120_000, 2)
     k4 = next(line for line in lines if line.startswith("| 4 |"))
     assert "| 4,000 | — |" in k4  # the missing case
     assert "(KiB/member)" in table and "| 1 | 512 | 512 |" in table

@@ -247,6 +247,13 @@ def _check_logging_dir(path, create: bool) -> None:
             raise ConfigError(f"--logging-dir {path} cannot be made: {e.strerror or e}") from None
 
 
+def _say(text: str) -> None:
+    """A line to stderr in one write: the ranks of a launch share one pipe, and print() writes the newline
+    apart, so two ranks' lines could run into one (seen in CI: a rank's error glued to another's)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def cmd_run(a) -> int:
     from .training import Setup, training_function
 
@@ -368,29 +375,29 @@ def main(argv: list[str] | None = None) -> int:
         _stdout_to_devnull()
         return 141  # as a program that SIGPIPE ended
     except ConfigError as e:
-        print(f"{who}: error: {e}", file=sys.stderr)
+        _say(f"{who}: error: {e}")
         return 2
     except (LaunchError, FolderBusy) as e:
-        print(f"{who}: error: {e}", file=sys.stderr)
+        _say(f"{who}: error: {e}")
         return 1
     except RuntimeError as e:
         if not lost_peer(e):
             raise
         kept = "; completed epochs are in results.jsonl" if launched_rank() == 0 and args.command == "run" else ""
-        print(f"{who}: error: {LOST_PEER}: the output of the other processes or machines says why{kept}. "
-              "Rerun once every machine is up", file=sys.stderr)
+        _say(f"{who}: error: {LOST_PEER}: the output of the other processes or machines says why{kept}. "
+             "Rerun once every machine is up")
         return 1
     except OSError as e:
         fault = disk_fault(e)
         if fault is None:
             raise
-        print(f"{who}: error: {fault}", file=sys.stderr)
+        _say(f"{who}: error: {fault}")
         return 1
     except KeyboardInterrupt as e:
         kept = "completed units are kept; rerun the sweep to resume" if args.command == "sweep" else "completed epochs are in results.jsonl"
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         # Only rank 0 writes the results: the other ranks (machine 1's all) have none to point at.
-        print(f"{who}: {how}; {kept}" if launched_rank() == 0 else f"{who}: {how}", file=sys.stderr)
+        _say(f"{who}: {how}; {kept}" if launched_rank() == 0 else f"{who}: {how}")
         return 143 if isinstance(e, Terminated) else 130
 
 

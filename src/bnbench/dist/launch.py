@@ -186,6 +186,11 @@ class LaunchOutput:
         self.held.append(text)
 
     def _line(self, line: str, end: str) -> None:
+        glued = line.find("bnbench [rank ", 1)
+        if glued > 0:  # two ranks' lines run into one (a writer whose newline came apart): take them one by one
+            self._line(line[:glued], "\n")
+            self._line(line[glued:], end)
+            return
         started, self.started = self.started, ""
         if started:  # its beginning is out (a bar's last update): the rest goes too, unless a traceback starts in it
             at = min((i for i in (line.find(t) for t in _TRACEBACK) if i >= 0), default=-1)
