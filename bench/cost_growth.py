@@ -19,24 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def seconds(fn, n: int, warm: int = 3) -> float:
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def one(k: int) -> dict:
@@ -50,6 +38,7 @@ def one(k: int) -> dict:
     from bnbench.train.memory import SHARE, available_bytes, member_bytes, needed_bytes
     sys.path.insert(0, str(HERE))
     from conftest import data_root
+    from step_breakdown import median_seconds as seconds
 
     splits = data.load("mnist", data_root(), device="cpu", dtype=torch.float32)
     cfg = make_config(seeds=tuple(range(max(1, k // 2))), variants=("bn", "nobn"))
@@ -61,7 +50,7 @@ def one(k: int) -> dict:
     def step():
         trainer.step(*trainer.batch_at(order, state["t"] % trainer.steps_per_epoch()), loss)
         state["t"] += 1
-    step_s = seconds(step, 20)
+    step_s = seconds(step, 20, warm=3)
     t0 = time.perf_counter()
     trainer.evaluate(splits.train_x, splits.train_y)
     eval_train_s = time.perf_counter() - t0
@@ -73,8 +62,8 @@ def one(k: int) -> dict:
     rows = cfg.batch_size * len(cfg.seeds)
     idx_full, idx_tenth = torch.randint(0, splits.train_x.shape[0], (rows,)), torch.randint(0, 6000, (rows,))
     small = splits.train_x[:6000].clone()
-    draw_full = seconds(lambda: splits.train_x.index_select(0, idx_full), 50)
-    draw_tenth = seconds(lambda: small.index_select(0, idx_tenth), 50)
+    draw_full = seconds(lambda: splits.train_x.index_select(0, idx_full), 50, warm=3)
+    draw_tenth = seconds(lambda: small.index_select(0, idx_tenth), 50, warm=3)
     have = available_bytes("cpu")
     fit = int((SHARE * have - needed_bytes(cfg, 0, cfg.batch_size)) // member_bytes(cfg, cfg.batch_size)) if have else None
     return {"k": len(trainer.members), "threads": torch.get_num_threads(), "step_s": step_s, "steps_per_epoch": steps,

@@ -38,6 +38,7 @@ BATCH = 100
 
 
 def median_seconds(fn, steps: int, warm: int = 5) -> float:
+    """The median of `steps` timed calls of fn after `warm` untimed ones (bench/cost_growth.py uses it too)."""
     for _ in range(warm):
         fn()
     times = []

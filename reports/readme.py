@@ -48,9 +48,12 @@ PEER_BENCH = [BENCH / n for n in ("0009_0750aaef10de0c6684aa490c5c96473794a84974
                                   "0011_bcd8fbfaea14aa834894e358fb95e16a138564de_20261207_122129.json",
                                   "0012_bcd8fbfaea14aa834894e358fb95e16a138564de_20261207_122239.json")]
 BREAKDOWN = HERE / "bench" / "step_breakdown.json"
-# The FLOP of the eight batched products of one hand-written step, per member-sample: forward x@W1, h1@W2,
-# h2@W3; backward dW3, dh2, dW2, dh1, dW1 (no gradient for the input), 2 FLOP per multiply-add.
-BMM_FLOP_PER_MEMBER_SAMPLE = 2 * (784 * 32 + 32 * 32 + 32 * 10 + 2 * 32 * 10 + 2 * 32 * 32 + 784 * 32)
+sys.path.insert(0, str(HERE))
+import peers  # noqa: E402  (reports/peers.py)
+
+# The FLOP of the eight batched products of one step, per member-sample: forward x@W1, h1@W2, h2@W3; backward
+# dW3, dh2, dW2, dh1, dW1 (no gradient for the input), 2 FLOP per multiply-add: what reports/peers.py counts.
+BMM_FLOP_PER_MEMBER_SAMPLE = peers.STEP_FLOP
 MAIN_JOB_TIME = HERE / "bench" / "main_job_time.json"  # bench/main_job_time.py
 COST_GROWTH = HERE / "bench" / "cost_growth.json"  # bench/cost_growth.py
 TARGET = 0.97
@@ -553,9 +556,6 @@ def norm_cost() -> str:
 
 
 def _peer_rows():
-    sys.path.insert(0, str(HERE))
-    import peers  # reports/peers.py
-
     return peers, peers.combine([peers.rows(p) for p in PEER_BENCH])
 
 

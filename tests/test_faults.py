@@ -34,15 +34,20 @@ def write(folder, lines):
         w.append(lines)
 
 
-def bnbench(*argv, capsys) -> tuple[int, str, str]:
-    """The console command's main, in this process (no torch import per call)."""
+def in_process(main, *argv, capsys) -> tuple[int, str, str]:
+    """A command's main in this process (no torch import per call), its SIGTERM handler restored after."""
     handler = signal.getsignal(signal.SIGTERM)
     try:
-        rc = cli.main([str(a) for a in argv])
+        rc = main([str(a) for a in argv])
     finally:
         signal.signal(signal.SIGTERM, handler)
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def bnbench(*argv, capsys) -> tuple[int, str, str]:
+    """The console command's main, in this process."""
+    return in_process(cli.main, *argv, capsys=capsys)
 
 
 def test_foreign_rows_are_listed_by_line_and_left_out_everywhere(tmp_path, capsys):

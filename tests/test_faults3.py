@@ -25,7 +25,7 @@ from bnbench.store.results import ResultsWriter, read_results
 from bnbench.sweeps.plan import load_sweep, plan
 
 from conftest import REPO
-from test_faults import bnbench, rows, write
+from test_faults import bnbench, in_process, rows, write
 
 
 def toml(tmp_path, text: str, name: str = "s.toml"):
@@ -48,13 +48,8 @@ def no_process(monkeypatch):
 
 
 def launch(*argv, capsys) -> tuple[int, str, str]:
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        rc = main_job.main([str(a) for a in argv])
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    out, err = capsys.readouterr()
-    return rc, out, err
+    """./launch.sh's main job, in this process."""
+    return in_process(main_job.main, *argv, capsys=capsys)
 
 
 def refused(*argv, capsys) -> str:
